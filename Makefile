@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv and installs sslmed first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c constraints.txt
+
+.PHONY: venv demo test bench lint clean
+
+venv: $(VENV)/.installed
+
+# torch first and pinned, so nothing later in the resolve can choose a CUDA build; deepspeed's
+# setup imports torch, hence no build isolation for it.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) torch==2.13.0
+	$(PIP) --no-build-isolation deepspeed==0.19.8
+	$(PIP) -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(BIN)/sslmed demo
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/sslmed bench loader --quick
+	$(BIN)/sslmed bench step --quick
+	$(BIN)/sslmed bench scaling --quick
+
+lint: venv
+	$(BIN)/ruff check sslmed tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-out runs

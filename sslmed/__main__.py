@@ -1,0 +1,5 @@
+import sys
+
+from sslmed.cli import main
+
+sys.exit(main())

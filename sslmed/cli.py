@@ -1,0 +1,166 @@
+"""The `sslmed` command. Thin: parse arguments, build a config, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+from sslmed import __version__
+from sslmed.errors import SslmedError
+
+BENCHMARKS = ("loader", "step", "scaling")
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '2GiB', '1000' → bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    stripped = text.strip().upper()
+    number = stripped.rstrip("KMGIB")
+    unit = stripped[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB)") from None
+    if unit not in units or value <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB)")
+    return int(value * units[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslmed", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sslmed {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pack = sub.add_parser("pack", help="pack volumes into WebDataset shards or a Zarr store")
+    pack.add_argument("inputs", nargs="+", help="files or folders (NIfTI, DICOM series, NRRD, .npy/.npz)")
+    pack.add_argument("--out", required=True, help="output directory")
+    pack.add_argument("--format", choices=["wds", "zarr"], default="wds")
+    pack.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="resample to mm")
+    pack.add_argument("--modality", choices=["ct", "mr", "auto"], default="auto")
+    pack.add_argument("--dtype", choices=["int16", "uint8", "float16"], default="int16")
+    pack.add_argument("--shard-size", type=parse_size, default=parse_size("512MB"))
+    pack.add_argument("--workers", type=int, default=1)
+    pack.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    pack.add_argument("--tags", help="CSV with a 'path' or 'key' column and per-sample tags")
+    pack.add_argument("--codec", choices=["none", "zstd", "lz4"], default="zstd",
+                      help="compression of each array (numcodecs Blosc)")
+    pack.add_argument("--foreground-crop", action="store_true", help="crop to the foreground bounding box")
+    pack.add_argument("--repair-nonfinite", action="store_true", help="replace NaN/Inf by 0 instead of refusing")
+    pack.add_argument("--chunk", type=int, default=64, help="zarr chunk edge in voxels")
+
+    for name, text in (("verify", "check every shard/array against the manifest"),
+                       ("inspect", "summarise a packed dataset")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("dir")
+
+    for name, text in (("pretrain", "self-supervised pretraining"),
+                       ("finetune", "downstream evaluation of an encoder"),
+                       ("sweep", "Ray Tune sweep over label fractions, mask ratios and seeds")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", help="YAML path or shipped config name (e.g. mae-tiny)")
+        cmd.add_argument("overrides", nargs="*", help="section.key=value")
+        if name == "sweep":
+            cmd.add_argument("--address", help="join an existing Ray cluster")
+
+    export = sub.add_parser("export", help="export a run's encoder to safetensors + json")
+    export.add_argument("run")
+    export.add_argument("--out", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table and a key=value summary line)")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine")
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--quick", action="store_true", help="smaller, for tests")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "pack":
+        from sslmed.io.pack import pack
+
+        summary = pack(
+            args.inputs, args.out, fmt=args.format, spacing=args.spacing, modality=args.modality,
+            dtype=args.dtype, shard_size=args.shard_size, workers=args.workers, on_error=args.on_error,
+            tags=args.tags, codec=args.codec, foreground_crop=args.foreground_crop,
+            repair_nonfinite=args.repair_nonfinite, chunk=args.chunk,
+        )
+        return 1 if summary.get("failed") and args.on_error == "fail" else 0
+    if args.command == "verify":
+        from sslmed.io.manifest import verify
+
+        problems = verify(args.dir)
+        for problem in problems:
+            print(f"BAD {problem}")
+        print("ok" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    if args.command == "inspect":
+        from sslmed.io.manifest import inspect
+
+        print(inspect(args.dir))
+        return 0
+    if args.command in ("pretrain", "finetune", "sweep"):
+        from sslmed.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "pretrain":
+            from sslmed.train.loop import pretrain
+
+            pretrain(cfg)
+        elif args.command == "finetune":
+            from sslmed.eval.probe import finetune
+
+            finetune(cfg)
+        else:
+            from sslmed.eval.sweep import sweep
+
+            sweep(cfg, address=args.address)
+        return 0
+    if args.command == "export":
+        from sslmed.train.checkpoint import export_run
+
+        export_run(args.run, args.out)
+        return 0
+    if args.command == "bench":
+        return run_benchmark(args.name, args.args)
+    if args.command == "demo":
+        from sslmed.demo import run_demo
+
+        run_demo(args.out, quick=args.quick)
+        return 0
+    raise AssertionError(args.command)
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    if not script.exists():
+        raise SslmedError(f"benchmarks/{name}.py not found: benchmarks run from a source checkout "
+                          "(pip install -e .)")
+    old_argv = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except SslmedError as exc:
+        print(f"sslmed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sslmed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
