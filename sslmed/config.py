@@ -50,6 +50,9 @@ class ModelConfig:
     size: Literal["tiny", "small", "base"] = "tiny"
     patch_size: int = 16
     in_channels: int = 1
+    dim: int = 0  # 0: the size's default (ViT width; CNN first-stage width)
+    depth: int = 0  # 0: the size's default (ViT blocks; CNN residual units per stage)
+    heads: int = 0  # 0: the size's default (ViT attention heads)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class MethodConfig:
     contrastive_weight: float = 1.0  # contrastive AE latent term
     stage1_steps: int = 0  # residual: steps of CAE training on `normal` volumes before stage 2
     normal_tag: str = "status=normal"  # residual: tag=value marking normal volumes
+    distill_target: Literal["stopgrad", "ema"] = "stopgrad"  # SSSD: teacher = decoder latent, or its EMA copy
 
 
 @dataclass
