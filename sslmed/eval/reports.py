@@ -1,0 +1,62 @@
+"""Result files of evaluation runs and sweeps: atomic JSON/CSV, mean ± std tables, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temporary file beside `path`, then rename: readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Strict JSON: NaN (an undefined metric) is written as null."""
+    write_text_atomic(path, json.dumps(_nan_to_none(obj), indent=1, allow_nan=False) + "\n")
+
+
+def _nan_to_none(obj: object) -> object:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation over the defined values (std 0 for a single value)."""
+    defined = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if len(defined) == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    std = float(defined.std(ddof=1)) if len(defined) > 1 else 0.0
+    return {"mean": float(defined.mean()), "std": std, "n": int(len(defined))}
+
+
+def summarise(runs: list[dict], metrics: tuple[str, ...]) -> dict:
+    """{label fraction: {metric: mean/std over seeds}} from a probe's per-run results."""
+    fractions = sorted({r["label_fraction"] for r in runs})
+    return {str(f): {m: mean_std([r["metrics"][m] for r in runs if r["label_fraction"] == f])
+                     for m in metrics}
+            for f in fractions}
+
+
+def format_mean_std(stats: dict, digits: int = 3) -> str:
+    if stats["n"] == 0:
+        return "n/a"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
