@@ -1,0 +1,36 @@
+"""Self-supervised methods, picked by name from a plain dict."""
+
+from __future__ import annotations
+
+from sslmed.config import Config
+from sslmed.errors import ConfigError
+from sslmed.methods.base import Method
+from sslmed.methods.byol import BYOL
+from sslmed.methods.contrastive_ae import ContrastiveAE
+from sslmed.methods.drasclr import DrasCLR
+from sslmed.methods.mae import MAE
+from sslmed.methods.residual import Residual
+from sslmed.methods.resmae import ResMAE
+from sslmed.methods.simclr import SimCLR
+from sslmed.methods.simsiam import SimSiam
+from sslmed.methods.spark import SparK
+from sslmed.methods.sssd import SSSD
+from sslmed.models import set_activation_checkpointing
+
+METHODS: dict[str, type[Method]] = {
+    "mae": MAE, "resmae": ResMAE, "spark": SparK, "sssd": SSSD, "simclr": SimCLR, "byol": BYOL,
+    "simsiam": SimSiam, "drasclr": DrasCLR, "contrastive_ae": ContrastiveAE, "residual": Residual,
+}
+
+
+def build_method(cfg: Config) -> Method:
+    """The method named by `cfg.method.name`, with activation checkpointing as `train` asks."""
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ConfigError(f"unknown method.name '{name}' (known: {', '.join(METHODS)})")
+    method = METHODS[name](cfg)
+    set_activation_checkpointing(method, cfg.train.activation_checkpointing)
+    return method
+
+
+__all__ = ["METHODS", "Method", "build_method"]
