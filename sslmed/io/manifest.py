@@ -1,0 +1,199 @@
+"""Reading, verifying and summarising a packed dataset (shards/README.md)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from sslmed.errors import DataError
+from sslmed.io.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    META_EXTENSION,
+    VOLUME_EXTENSIONS,
+    decode_volume,
+    file_sha256,
+    tree_sha256,
+)
+
+REQUIRED = ("format_version", "format", "codec", "preprocessing", "samples", "voxels", "bytes")
+
+
+def load_manifest(directory: str | Path) -> dict:
+    """The dataset's manifest.json, checked for the fields every reader relies on."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such dataset directory")
+    if not path.is_file():
+        raise DataError(f"{directory}: no {MANIFEST} (not a packed dataset, or `sslmed pack` never finished)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: must be a JSON object")
+    missing = [k for k in REQUIRED if k not in manifest]
+    entries = "shards" if manifest.get("format") == "wds" else "arrays"
+    valid_format = manifest.get("format") in ("wds", "zarr")
+    if missing or not valid_format or not isinstance(manifest.get(entries), list):
+        raise DataError(f"{path}: not a valid manifest (missing {missing or [entries]}, format "
+                        f"{manifest.get('format')!r})")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise DataError(f"{path}: format version {manifest['format_version']} is newer than this sslmed "
+                        f"understands ({FORMAT_VERSION}); upgrade sslmed")
+    return manifest
+
+
+def iter_shard(path: Path, *, decode: bool = True) -> Iterator[tuple[str, np.ndarray | None, dict]]:
+    """(key, array or None, metadata) for each sample of one tar shard, in order."""
+    with tarfile.open(path, "r:") as tar:
+        sample: dict[str, object] = {}
+        current = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, extension = member.name.partition(".")
+            if key != current and sample:
+                yield _sample(current, sample, path)
+                sample = {}
+            current = key
+            if extension == META_EXTENSION or (decode and extension in VOLUME_EXTENSIONS):
+                sample[extension] = tar.extractfile(member).read()
+            elif extension in VOLUME_EXTENSIONS:
+                sample[extension] = None
+        if sample:
+            yield _sample(current, sample, path)
+
+
+def _sample(key: str, members: dict, path: Path) -> tuple[str, np.ndarray | None, dict]:
+    if META_EXTENSION not in members or not any(e in members for e in VOLUME_EXTENSIONS):
+        raise DataError(f"{path.name}: sample '{key}' lacks its array or metadata (has {sorted(members)})")
+    meta = json.loads(members[META_EXTENSION])
+    extension = next(e for e in VOLUME_EXTENSIONS if e in members)
+    payload = members[extension]
+    return key, (decode_volume(extension, payload) if payload is not None else None), meta
+
+
+def verify(directory: str | Path) -> list[str]:
+    """Every problem with the dataset, each naming its shard or array; empty when the data matches."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if manifest["format"] == "wds":
+        problems = [p for entry in manifest["shards"] for p in _verify_shard(directory, entry)]
+    else:
+        problems = [p for entry in manifest["arrays"] for p in _verify_array(directory, entry)]
+    entries = manifest.get("shards") or manifest.get("arrays") or []
+    listed = sum(e.get("samples", 1) for e in entries)
+    if listed != manifest["samples"]:
+        problems.append(f"{MANIFEST}: samples {manifest['samples']} but the entries list {listed}")
+    return problems
+
+
+def _verify_shard(directory: Path, entry: dict) -> list[str]:
+    name = entry["path"]
+    path = directory / name
+    if not path.is_file():
+        return [f"{name}: missing file"]
+    problems = []
+    digest = file_sha256(path)
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: checksum mismatch (manifest {entry['sha256'][:12]}…, file {digest[:12]}…)")
+    keys: list[str] = []
+    try:
+        for key, array, meta in iter_shard(path):
+            keys.append(key)
+            if list(array.shape) != list(meta["shape"]) or str(array.dtype) != meta["dtype"]:
+                problems.append(f"{name}: sample '{key}' is {array.dtype}{list(array.shape)} but its "
+                                f"metadata says {meta['dtype']}{meta['shape']}")
+    except Exception as exc:  # any decoding failure means a corrupt shard; name it
+        problems.append(f"{name}: unreadable after sample {len(keys)} ({type(exc).__name__}: {exc})")
+        return problems
+    if len(keys) != entry["samples"]:
+        problems.append(f"{name}: sample count mismatch (manifest {entry['samples']}, shard {len(keys)})")
+    elif keys != entry["keys"]:
+        problems.append(f"{name}: keys differ from the manifest")
+    return problems
+
+
+def _verify_array(directory: Path, entry: dict) -> list[str]:
+    import zarr
+
+    name = entry["path"]
+    root = directory / name
+    if not (root / "zarr.json").is_file():
+        return [f"{name}: missing array"]
+    problems = []
+    digest = tree_sha256(root)
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: checksum mismatch (manifest {entry['sha256'][:12]}…, files {digest[:12]}…)")
+    try:
+        array = zarr.open_array(str(root), mode="r")
+        data = array[...]
+        meta = dict(array.attrs)["sslmed"]
+        if list(data.shape) != list(entry["shape"]) or list(meta["shape"]) != list(entry["shape"]):
+            problems.append(f"{name}: shape {list(data.shape)} differs from the manifest {entry['shape']}")
+    except Exception as exc:  # any decoding failure means a corrupt array; name it
+        problems.append(f"{name}: unreadable array ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def iter_metadata(directory: str | Path) -> Iterator[dict]:
+    """The metadata of every sample, in dataset order, without decoding arrays."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if manifest["format"] == "wds":
+        for entry in manifest["shards"]:
+            for _, _, meta in iter_shard(directory / entry["path"], decode=False):
+                yield meta
+    else:
+        import zarr
+
+        for entry in manifest["arrays"]:
+            yield dict(zarr.open_array(str(directory / entry["path"]), mode="r").attrs)["sslmed"]
+
+
+def inspect(directory: str | Path) -> str:
+    """A short human-readable summary of a packed dataset."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    metas = list(iter_metadata(directory))
+    entries = manifest.get("shards") or manifest.get("arrays") or []
+    kind = "shards" if manifest["format"] == "wds" else "arrays"
+    raw_bytes = manifest["voxels"] * np.dtype(manifest["preprocessing"]["dtype"]).itemsize
+    lines = [f"dataset     {directory}  (format {manifest['format']}, codec {manifest['codec']}, "
+             f"sslmed {manifest.get('sslmed_version', '?')})",
+             f"volumes     {len(metas)} in {len(entries)} {kind}; {manifest['voxels']:,} voxels; "
+             f"{manifest['bytes'] / 1e6:,.1f} MB on disk ({raw_bytes / 1e6:,.1f} MB uncompressed)"]
+    if metas:
+        shapes = np.array([m["shape"] for m in metas])
+        spacings = np.array([m["spacing"] for m in metas])
+        means = np.array([m["stats"]["mean"] for m in metas])
+        stds = np.array([m["stats"]["std"] for m in metas])
+        fg = np.array([m["foreground_fraction"] for m in metas])
+        lines += [
+            f"shape       min {'x'.join(map(str, shapes.min(0)))}  max {'x'.join(map(str, shapes.max(0)))}",
+            f"spacing mm  min {_triple(spacings.min(0))}  max {_triple(spacings.max(0))}",
+            f"intensity   mean {means.mean():.3f} (per-volume {means.min():.3f}–{means.max():.3f}), "
+            f"std {stds.mean():.3f}  [normalised]",
+            f"foreground  {fg.mean():.1%} of voxels on average",
+            f"modality    {_counts(m['modality'] for m in metas)}",
+        ]
+        tag_names = sorted({t for m in metas for t in m.get("tags", {})})
+        for tag in tag_names:
+            lines.append(f"tag {tag:<8}{_counts(m.get('tags', {}).get(tag, '-') for m in metas)}")
+    lines.append(f"preprocess  {json.dumps(manifest['preprocessing'])}")
+    return "\n".join(lines)
+
+
+def _triple(values: np.ndarray) -> str:
+    return "x".join(f"{v:.2f}" for v in values)
+
+
+def _counts(values) -> str:
+    return ", ".join(f"{value}: {n}" for value, n in sorted(Counter(values).items()))

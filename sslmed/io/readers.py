@@ -1,0 +1,306 @@
+"""Volume files → `Volume` (array, spacing, affine, modality, meta), validated.
+
+Every failure — unreadable, truncated, wrong dimensionality, non-finite values — becomes a
+`VolumeError` naming the file and the reason; library exceptions never escape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sslmed.errors import VolumeError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+NUMPY_SUFFIXES = (".npy", ".npz")
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + NUMPY_SUFFIXES
+MAX_SPACING_MM = 20.0
+# DICOM patient space is LPS; every affine here maps voxel indices to RAS millimetres (nibabel's convention).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # 3-D, float32, axis order of the file (voxel i, j, k)
+    spacing: tuple[float, float, float]  # mm along the three array axes
+    affine: np.ndarray  # 4x4, voxel index → RAS mm
+    modality: str = "unknown"  # "ct" | "mr" | "unknown" (from a header tag, when the format has one)
+    meta: dict = field(default_factory=dict)
+
+
+def suffix_of(path: Path) -> str:
+    """The format suffix of a path ('.nii.gz' counts as one), lower case; '' for none."""
+    name = path.name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def read_volume(path: str | Path, *, repair_nonfinite: bool = False, max_voxels: int = 512**3) -> Volume:
+    """Read one volume (NIfTI, DICOM series folder, NRRD, .npy/.npz) and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: no such file or folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise VolumeError(f"{path}: empty file")
+    loader = _loader_for(path)
+    try:
+        volume = loader(path, max_voxels)
+    except VolumeError:
+        raise
+    except Exception as exc:  # any library failure on a bad file is the file's fault, reported as such
+        raise VolumeError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    return validate(volume, path, repair_nonfinite=repair_nonfinite, max_voxels=max_voxels)
+
+
+def _loader_for(path: Path):
+    if path.is_dir():
+        return _read_dicom_series
+    suffix = suffix_of(path)
+    loaders = {".nii.gz": _read_nifti, ".nii": _read_nifti, ".nrrd": _read_nrrd, ".nhdr": _read_nrrd,
+               ".npy": _read_numpy, ".npz": _read_numpy, ".dcm": _read_dicom_series}
+    if suffix in loaders:
+        return loaders[suffix]
+    if _is_dicom(path):
+        return _read_dicom_series
+    raise VolumeError(f"{path}: unsupported format (expected NIfTI, DICOM, NRRD, .npy or .npz)")
+
+
+def validate(volume: Volume, path: Path, *, repair_nonfinite: bool, max_voxels: int) -> Volume:
+    """Shape, size, finiteness and spacing checks shared by every format."""
+    array = _squeeze_to_3d(np.asarray(volume.array), path)
+    if array.size == 0:
+        raise VolumeError(f"{path}: empty volume (shape {array.shape})")
+    if array.size > max_voxels:
+        raise VolumeError(f"{path}: {array.size} voxels exceeds the limit of {max_voxels}")
+    array = array.astype(np.float32, copy=False)
+    bad = ~np.isfinite(array)
+    count = int(bad.sum())
+    if count:
+        if not repair_nonfinite:
+            raise VolumeError(f"{path}: {count} non-finite voxel(s) (NaN/Inf); "
+                              "use --repair-nonfinite to replace them by 0")
+        array = np.where(bad, np.float32(0), array)
+        volume.meta["nonfinite_repaired"] = count
+    spacing = tuple(float(s) for s in volume.spacing)
+    if len(spacing) != 3 or not all(np.isfinite(s) and 0 < s <= MAX_SPACING_MM for s in spacing):
+        raise VolumeError(f"{path}: implausible voxel spacing {spacing} mm "
+                          f"(expected 0 < s <= {MAX_SPACING_MM})")
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise VolumeError(f"{path}: invalid affine (singular or non-finite orientation matrix)")
+    return Volume(array, spacing, affine, volume.modality, volume.meta)
+
+
+def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim > 3:
+        raise VolumeError(f"{path}: {array.ndim}-D image of shape {array.shape}; only 3-D volumes "
+                          "are supported (split time series / channels into separate files)")
+    if array.ndim < 3:
+        raise VolumeError(f"{path}: {array.ndim}-D image of shape {array.shape}; a 3-D volume is required")
+    if min(array.shape) == 1 and array.size > 0:
+        raise VolumeError(f"{path}: a single slice (shape {array.shape}); a 3-D volume is required")
+    return array
+
+
+def _check_size(shape: Iterable[int], path: Path, max_voxels: int) -> None:
+    """Refuse oversized volumes from the header, before their data is loaded."""
+    voxels = int(np.prod([int(s) for s in shape], dtype=np.int64))
+    if voxels > max_voxels:
+        raise VolumeError(f"{path}: {voxels} voxels exceeds the limit of {max_voxels}")
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+# --- NIfTI ---------------------------------------------------------------------------------------
+
+def _read_nifti(path: Path, max_voxels: int) -> Volume:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    _check_size(image.shape, path, max_voxels)
+    array = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
+    affine = image.affine
+    zooms = image.header.get_zooms()[:3]
+    spacing = tuple(float(z) for z in zooms) if len(zooms) == 3 else spacing_of(affine)
+    return Volume(array, spacing, affine, "unknown", {"format": "nifti"})
+
+
+# --- NRRD ----------------------------------------------------------------------------------------
+
+NRRD_SPACE_TO_RAS = {
+    "right-anterior-superior": np.eye(4), "ras": np.eye(4),
+    "left-posterior-superior": LPS_TO_RAS, "lps": LPS_TO_RAS,
+    "left-anterior-superior": np.diag([-1.0, 1.0, 1.0, 1.0]), "las": np.diag([-1.0, 1.0, 1.0, 1.0]),
+}
+
+
+def _read_nrrd(path: Path, max_voxels: int) -> Volume:
+    import nrrd
+
+    header = nrrd.read_header(str(path))
+    _check_size(header.get("sizes", []), path, max_voxels)
+    array, header = nrrd.read(str(path))
+    affine = _nrrd_affine(header, array.ndim)
+    return Volume(array, spacing_of(affine), affine, "unknown", {"format": "nrrd"})
+
+
+def _nrrd_affine(header: dict, ndim: int) -> np.ndarray:
+    affine = np.eye(4)
+    directions = header.get("space directions")
+    if directions is not None:
+        rows = [np.asarray(d, dtype=float) for d in directions
+                if d is not None and np.all(np.isfinite(np.asarray(d, dtype=float)))]
+        if len(rows) == 3:
+            affine[:3, :3] = np.stack(rows, axis=1)
+    elif header.get("spacings") is not None:
+        spacings = [float(s) for s in header["spacings"] if np.isfinite(float(s))][:3]
+        if len(spacings) == 3:
+            affine[:3, :3] = np.diag(spacings)
+    if header.get("space origin") is not None:
+        affine[:3, 3] = np.asarray(header["space origin"], dtype=float)[:3]
+    space = str(header.get("space", "right-anterior-superior")).lower()
+    if space not in NRRD_SPACE_TO_RAS:
+        raise VolumeError(f"unsupported NRRD space '{space}'")
+    return NRRD_SPACE_TO_RAS[space] @ affine
+
+
+# --- NumPy ---------------------------------------------------------------------------------------
+
+def _read_numpy(path: Path, max_voxels: int) -> Volume:
+    """A bare array: 1 mm isotropic, identity orientation, unless a sidecar `<stem>.json` says otherwise."""
+    if suffix_of(path) == ".npy":
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        _check_size(mapped.shape, path, max_voxels)
+        array = np.array(mapped)
+    else:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            name = next((n for n in ("array", "image") if n in names), names[0] if len(names) == 1 else None)
+            if name is None:
+                raise VolumeError(f"{path}: .npz holds {names}; expected one array or a key 'array'/'image'")
+            _check_size(archive[name].shape, path, max_voxels)
+            array = archive[name]
+    sidecar = _read_sidecar(path)
+    if "affine" in sidecar:
+        affine = np.asarray(sidecar["affine"], dtype=float)
+    else:
+        affine = np.diag([*sidecar.get("spacing", [1.0, 1.0, 1.0]), 1.0]).astype(float)
+    modality = str(sidecar.get("modality", "unknown")).lower()
+    return Volume(array, spacing_of(affine), affine, modality if modality in ("ct", "mr") else "unknown",
+                  {"format": suffix_of(path)[1:]})
+
+
+def _read_sidecar(path: Path) -> dict:
+    sidecar = path.with_name(path.name[: -len(suffix_of(path))] + ".json")
+    if not sidecar.exists():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise VolumeError(f"{sidecar}: invalid sidecar JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise VolumeError(f"{sidecar}: sidecar must be a JSON object with 'spacing' and/or 'affine'")
+    return data
+
+
+# --- DICOM ---------------------------------------------------------------------------------------
+
+def _is_dicom(path: Path) -> bool:
+    from pydicom.misc import is_dicom
+
+    try:
+        return path.is_file() and is_dicom(str(path))
+    except OSError:
+        return False
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM slices directly inside a folder (by .dcm suffix or by the DICM preamble)."""
+    return [p for p in sorted(folder.iterdir())
+            if p.is_file() and (p.suffix.lower() == ".dcm" or (suffix_of(p) not in SUPPORTED_SUFFIXES
+                                                               and _is_dicom(p)))]
+
+
+def _read_dicom_series(path: Path, max_voxels: int) -> Volume:
+    """A folder of single-frame slices of one series → one volume, slices ordered along their normal."""
+    import pydicom
+
+    folder = path if path.is_dir() else path.parent
+    files = dicom_files(folder)
+    if not files:
+        raise VolumeError(f"{folder}: no DICOM files in the folder")
+    slices = [pydicom.dcmread(str(f)) for f in files]
+    series = {str(getattr(s, "SeriesInstanceUID", "")) for s in slices}
+    if len(series) > 1:
+        raise VolumeError(f"{folder}: {len(series)} DICOM series in one folder; "
+                          "put each series in its own folder")
+    _check_size((slices[0].Rows, slices[0].Columns, len(slices)), folder, max_voxels)
+    orientation = np.asarray(slices[0].ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([np.asarray(s.ImagePositionPatient, dtype=float) for s in slices])
+    order = np.argsort(positions @ normal, kind="stable")
+    slices, positions = [slices[i] for i in order], positions[order]
+    distances = positions @ normal
+    if len(slices) > 1 and np.min(np.diff(distances)) <= 1e-6:
+        raise VolumeError(f"{folder}: duplicate slice positions along the slice normal")
+    # pixel_array is (rows, columns); columns advance along row_dir, so index i = column, j = row
+    planes = [_rescaled(s).T for s in slices]
+    if len({p.shape for p in planes}) > 1:
+        raise VolumeError(f"{folder}: slices of different sizes in one series")
+    array = np.stack(planes, axis=-1)
+    row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
+    step = (positions[-1] - positions[0]) / (len(slices) - 1) if len(slices) > 1 else normal * float(
+        getattr(slices[0], "SliceThickness", 1.0) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = row_dir * col_spacing, col_dir * row_spacing
+    lps[:3, 2], lps[:3, 3] = step, positions[0]
+    affine = LPS_TO_RAS @ lps
+    modality = {"CT": "ct", "MR": "mr"}.get(str(getattr(slices[0], "Modality", "")).upper(), "unknown")
+    meta = {"format": "dicom", "slices": len(slices), "series_uid": series.pop()}
+    return Volume(array, spacing_of(affine), affine, modality, meta)
+
+
+def _rescaled(dataset) -> np.ndarray:
+    slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
+    return dataset.pixel_array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders into inputs: a folder of DICOM slices is one input; other folders are searched
+    recursively for supported files. Paths given explicitly are kept as they are (even if missing or
+    unsupported) so that they are reported rather than silently dropped."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        found.extend(_expand(path) if path.is_dir() else [path])
+    unique: dict[Path, None] = {}
+    for path in found:
+        unique.setdefault(path, None)
+    return list(unique)
+
+
+def _expand(folder: Path) -> list[Path]:
+    if dicom_files(folder):
+        return [folder]
+    inputs: list[Path] = []
+    for child in sorted(folder.iterdir()):
+        if child.is_dir():
+            inputs.extend(_expand(child))
+        elif suffix_of(child) in SUPPORTED_SUFFIXES:
+            inputs.append(child)
+    return inputs
