@@ -1,0 +1,311 @@
+"""Full-state checkpoints (atomic, last K kept), resume, and encoder export.
+
+A checkpoint is `RUN/checkpoints/step_N/`: the DeepSpeed engine state (model — EMA teachers included,
+they are module state —, optimizer, LR schedule, step), `extras/rank_R.pt` per rank (data pipeline
+position, python / numpy / torch RNG states), `config.yaml`, and the `complete` marker (JSON: step,
+world size, ZeRO stage, config digest). It is written as `tmp-step_N`, the marker last, then renamed:
+a crash at any point leaves either a complete `step_N` or a `tmp-*` directory that resume ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sslmed.config import Config, config_from_dict, save_config
+from sslmed.errors import CheckpointError, ConfigError, SslmedError
+
+MARKER = "complete"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path  # RUN/checkpoints/step_N
+    step: int
+    world: int
+    zero_stage: int
+    digest: str
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no '{MARKER}' marker); "
+                              "it was interrupted while being written")
+    try:
+        info = json.loads(marker.read_text())
+        return Checkpoint(Path(path), int(info["step"]), int(info["world"]), int(info["zero_stage"]),
+                          str(info.get("digest", "")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{marker}: unreadable checkpoint marker") from None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints, oldest first; temporary and unmarked directories are skipped."""
+    root = checkpoints_dir(run_dir)
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if STEP_DIR.match(child.name) and (child / MARKER).is_file():
+                found.append(read_checkpoint(child))
+    return sorted(found, key=lambda c: c.step)
+
+
+def find_resume(cfg: Config, run_dir: Path) -> Checkpoint | None:
+    """`checkpoint.resume`: auto (latest complete one in this run, if any), none, or a checkpoint path."""
+    choice = cfg.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(choice)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: no checkpoint directory '{choice}'")
+    if not (path / MARKER).is_file():  # a run directory: take its latest checkpoint
+        found = complete_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"checkpoint.resume: '{choice}' holds no complete checkpoint")
+        return found[-1]
+    return read_checkpoint(path)
+
+
+def check_compatible(ckpt: Checkpoint, cfg: Config) -> None:
+    """The model and method must match for the weights to load; schedules and sizes may change."""
+    saved = load_saved_config(ckpt.path)
+    for section in ("model", "method"):
+        if getattr(saved, section) != getattr(cfg, section):
+            old, new = vars(getattr(saved, section)), vars(getattr(cfg, section))
+            diff = ", ".join(f"{section}.{k}: {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
+            raise CheckpointError(f"checkpoint {ckpt.path} was trained with a different {section} "
+                                  f"configuration ({diff}); use checkpoint.resume=none or a new run.dir")
+
+
+def load_saved_config(path: Path) -> Config:
+    file = Path(path) / "config.yaml"
+    try:
+        return config_from_dict(yaml.safe_load(file.read_text()))
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        raise CheckpointError(f"{file}: cannot read the checkpoint's config: {exc}") from None
+
+
+# ---- RNG and per-rank extras --------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Tensors and plain values only, so the file loads with torch.load(weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.copy()), pos,
+                                                           has_gauss, cached],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def extras_path(ckpt_dir: Path, rank: int) -> Path:
+    return Path(ckpt_dir) / "extras" / f"rank_{rank}.pt"
+
+
+def load_extras(ckpt: Checkpoint, rank: int) -> dict[str, Any]:
+    path = extras_path(ckpt.path, rank)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint extras: {exc}") from None
+
+
+# ---- save ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine: Any, run_dir: Path, step: int, loader_state: dict, cfg: Config) -> Path:
+    """Every rank writes its engine shard and extras into tmp-step_N; rank 0 then adds the config and
+    the marker, renames the directory and prunes old checkpoints beyond `checkpoint.keep`."""
+    from sslmed.train.engine import barrier
+
+    root = checkpoints_dir(run_dir)
+    tmp, final = root / f"tmp-step_{step}", root / f"step_{step}"
+    rank = engine.info.rank
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save(root, tmp.name)
+    extras = extras_path(tmp, rank)
+    extras.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"loader": loader_state, "rng": rng_state(), "step": step}, extras)
+    barrier()
+    if rank == 0:
+        save_config(cfg, tmp / "config.yaml")
+        marker = {"step": step, "world": engine.info.world, "zero_stage": engine.zero_stage,
+                  "digest": cfg.digest()}
+        write_atomic(tmp / MARKER, json.dumps(marker))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune(run_dir, cfg.checkpoint.keep)
+    barrier()
+    return final
+
+
+def write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    found = complete_checkpoints(run_dir)
+    for old in found[: max(0, len(found) - max(1, keep))]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    for stale in checkpoints_dir(run_dir).glob("tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---- load ---------------------------------------------------------------------------------------
+
+
+def needs_universal(ckpt: Checkpoint, world: int) -> bool:
+    """Partitioned (ZeRO >= 1) optimizer state saved by another number of ranks must be re-sliced."""
+    return ckpt.world != world and ckpt.zero_stage >= 1
+
+
+def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> int:
+    """Load engine state, data position and RNG; returns the step to continue from. With a different
+    world size the data position and RNG cannot carry over (they are per rank): ranks re-seed from the
+    step instead (see launch/README.md)."""
+    from sslmed.train.engine import barrier, to_universal
+
+    rank, world = engine.info.rank, engine.info.world
+    try:
+        if needs_universal(ckpt, world):
+            directory = ckpt.path / "universal"
+            if rank == 0 and not (directory / MARKER).is_file():
+                to_universal(ckpt.path, directory)
+                write_atomic(directory / MARKER, "{}")
+            barrier()
+            engine.load(directory, ckpt.tag)
+        else:
+            engine.load(ckpt.path.parent, ckpt.tag)
+    except SslmedError:
+        raise
+    except Exception as exc:  # DeepSpeed raises assorted errors for shape/state mismatches
+        raise CheckpointError(f"cannot load checkpoint {ckpt.path}: {type(exc).__name__}: {exc}") from None
+    if ckpt.world == world:
+        extras = load_extras(ckpt, rank)
+        loader.load_state_dict(extras["loader"])
+        set_rng_state(extras["rng"])
+    else:
+        seed_everything(hash((engine_seed(ckpt), ckpt.step, rank)) % 2**31)
+    return ckpt.step
+
+
+def engine_seed(ckpt: Checkpoint) -> int:
+    return load_saved_config(ckpt.path).train.seed
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def export_encoder(module: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
+    """`path` (.safetensors, fp32 weights) and its `.json` sidecar: `meta` plus `export_config()`."""
+    if not hasattr(module, "export_config"):
+        raise CheckpointError(f"{type(module).__name__} has no export_config(); cannot export it")
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+    part = path.with_name(path.name + ".part")
+    save_file(tensors, str(part), metadata={"format": "pt"})
+    os.replace(part, path)
+    info = {**meta, **module.export_config(), "feature_dim": int(getattr(module, "feature_dim", 0))}
+    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=2, sort_keys=True))
+    return path
+
+
+def encoder_meta(cfg: Config) -> dict[str, Any]:
+    """What a user of the encoder must reproduce at inference: crop, axis order, spacing, intensity."""
+    meta: dict[str, Any] = {"crop_size": cfg.data.crop_size, "patch_size": cfg.model.patch_size,
+                            "axis_order": "XYZ (RAS+)", "input": "(B, 1, X, Y, Z) float32",
+                            "method": cfg.method.name, "steps": cfg.train.steps,
+                            "config_digest": cfg.digest()}
+    manifest = Path(cfg.data.path) / "manifest.json"
+    if manifest.is_file():
+        prep = json.loads(manifest.read_text()).get("preprocessing", {})
+        meta["spacing"] = prep.get("spacing")
+        meta["normalisation"] = {k: prep[k] for k in ("modality", "ct_window", "mr_percentiles") if k in prep}
+    return meta
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """The latest complete checkpoint of a run → exported encoder (consolidated fp32 weights)."""
+    from sslmed.methods import build_method
+    from sslmed.train.engine import consolidated_state_dict
+
+    found = complete_checkpoints(Path(run_dir))
+    if not found:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoints_dir(Path(run_dir))}")
+    ckpt = found[-1]
+    cfg = load_saved_config(ckpt.path)
+    method = build_method(cfg)
+    state = consolidated_state_dict(ckpt.path.parent, ckpt.tag, ckpt.zero_stage)
+    try:
+        method.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt.path}: weights do not fit method '{cfg.method.name}': {exc}") from None
+    return export_encoder(method.encoder(), out, encoder_meta(cfg))
+
+
+def load_encoder(path: str | Path) -> nn.Module:
+    """Rebuild an exported encoder from its .json sidecar and load the .safetensors weights."""
+    from sslmed.models import rebuild_backbone
+
+    weights = Path(path).with_suffix(".safetensors")
+    sidecar = weights.with_suffix(".json")
+    for file in (weights, sidecar):
+        if not file.is_file():
+            raise CheckpointError(f"exported encoder file '{file}' not found")
+    try:
+        info = json.loads(sidecar.read_text())
+        module = rebuild_backbone(info)
+        state = load_file(str(weights))
+    except (json.JSONDecodeError, ConfigError, SafetensorError, TypeError) as exc:
+        raise CheckpointError(f"{weights}: not a valid exported encoder: {exc}") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights}: weights do not match the architecture in {sidecar.name}: "
+                              f"{exc}") from None
+    return module.eval()

@@ -1,0 +1,315 @@
+"""The one place that knows DeepSpeed: process group, ds_config, optimizer, schedule, precision.
+
+Everything else in sslmed talks to `Engine`, a thin facade over `deepspeed.DeepSpeedEngine`, so the
+loop and the checkpoint code stay free of DeepSpeed imports and of precision handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from sslmed.config import Config
+from sslmed.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+# ---- process group ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed JIT-compiles a shared-memory allreduce op on its first CPU init (about a minute);
+    marking the op incompatible makes its comm backend fall back to plain torch.distributed (gloo)."""
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group a launcher (torchrun, deepspeed, srun) describes through RANK /
+    WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or make a 1-rank group for a plain process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if on_cpu():
+        _skip_shm_comm_op()
+        backend, device = "gloo", torch.device("cpu")
+    else:
+        backend = get_accelerator().communication_backend_name()
+        get_accelerator().set_device(local_rank)
+        device = torch.device(get_accelerator().device_name(local_rank))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(minutes=30))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(flag: bool) -> bool:
+    """True on every rank if it is true on any (e.g. one rank got SIGTERM)."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def broadcast_object(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- ds_config ----------------------------------------------------------------------------------
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_user_ds_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"train.ds_config: no such file '{path}'")
+    try:
+        tree = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"train.ds_config: '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"train.ds_config: '{path}' must hold a JSON object")
+    return tree
+
+
+def check_precision(precision: str) -> None:
+    if precision == "fp16" and on_cpu():
+        raise ConfigError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
+    if precision == "bf16" and not get_accelerator().is_bf16_supported():
+        raise ConfigError("train.precision=bf16 is not supported by this accelerator; use fp16 or fp32")
+
+
+def build_ds_config(cfg: Config, world: int, universal: bool = False) -> dict:
+    """The DeepSpeed config the typed Config implies, with the user's JSON (train.ds_config) over it."""
+    t = cfg.train
+    check_precision(t.precision)
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # the loop does its own logging
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-built fused Adam
+        "checkpoint": {"load_universal": universal},
+    }
+    if t.ds_config:
+        generated = deep_merge(generated, read_user_ds_config(t.ds_config))
+    return generated
+
+
+# ---- optimizer and schedule ---------------------------------------------------------------------
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at train.steps (as a factor of lr)."""
+    o, steps = cfg.optim, cfg.train.steps
+    if o.lr <= 0:
+        return 1.0
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+    lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr / o.lr
+
+
+def build_optimizer(module: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and other 1-D parameters (tokens, positions)."""
+    decay, no_decay = [], []
+    for _, param in sorted(module.named_parameters()):
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+
+class Engine:
+    """`loss, logs = engine(batch)`, `engine.backward(loss)`, `engine.step()`, save / load."""
+
+    def __init__(self, ds_engine: Any, info: DistInfo, dtype: torch.dtype, zero_stage: int):
+        self.ds = ds_engine
+        self.info = info
+        self.dtype = dtype
+        self.zero_stage = zero_stage
+        self.own_norm = zero_stage == 0 and dtype == torch.float32
+        self._norm: float | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def global_step(self) -> int:
+        return int(self.ds.global_steps)
+
+    def prepare(self, batch: dict) -> dict:
+        """Tensors to the device; floating ones to the engine's compute dtype (the model's weights
+        are in that dtype under DeepSpeed bf16/fp16). Everything else (keys, tags) passes through."""
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.info.device, non_blocking=True)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            out[key] = value
+        return out
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.ds(self.prepare(batch))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        if self.own_norm and self.ds.is_gradient_accumulation_boundary():
+            # ZeRO-0 fp32 has no optimizer wrapper that records the norm; measure it before clipping.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            self._norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.ds.step()
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def grad_norm(self) -> float:
+        norm = self._norm if self.own_norm else self.ds.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+    @contextlib.contextmanager
+    def full_params(self, frozen_only: bool = True) -> Iterator[None]:
+        """Full parameters for code that reads or writes them outside forward/backward (EMA teacher
+        updates in `on_step_end`). Under ZeRO-3 every parameter is a shard; gathering them, with rank 0's
+        result re-partitioned on exit, gives the hook the whole tensors. Other stages hold them already.
+        With `frozen_only`, only modules with frozen parameters (EMA teachers) pay for the gather."""
+        params = list(self.module.parameters())
+        if self.zero_stage < 3 or (frozen_only and all(p.requires_grad for p in params)):
+            yield
+            return
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+
+    def save(self, directory: Path, tag: str) -> None:
+        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(Path(directory) / tag)
+
+
+def build_engine(cfg: Config, method: torch.nn.Module, info: DistInfo, universal: bool = False) -> Engine:
+    """`deepspeed.initialize` with a torch AdamW and a warmup + cosine LambdaLR; activation
+    checkpointing and torch.compile switched on from outside the model when the config asks."""
+    if cfg.train.activation_checkpointing:
+        from sslmed.models import set_activation_checkpointing
+
+        set_activation_checkpointing(method, True)
+    ds_config = build_ds_config(cfg, info.world, universal=universal)
+    optimizer = build_optimizer(method, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    ds_engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=schedule,
+                                              config=ds_config, dist_init_required=False)
+    if cfg.train.compile:
+        ds_engine.compile()
+    precision = "bf16" if ds_config["bf16"].get("enabled") else "fp16" if ds_config["fp16"].get(
+        "enabled") else "fp32"
+    stage = int(ds_config["zero_optimization"].get("stage", 0))
+    return Engine(ds_engine, info, DTYPES[precision], stage)
+
+
+# ---- checkpoint formats -------------------------------------------------------------------------
+
+
+def to_universal(checkpoint_dir: Path, out: Path) -> None:
+    """Re-slice a ZeRO checkpoint so that any number of ranks can load it (DeepSpeed universal format,
+    written to `out/<tag>`, loaded by an engine built with `universal=True`)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out.with_name(out.name + ".tmp")
+    args = Namespace(input_folder=str(checkpoint_dir), output_folder=str(tmp / checkpoint_dir.name),
+                     num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=False)
+    with contextlib.redirect_stdout(None):
+        ds_to_universal.main(args)
+    os.replace(tmp, out)
+
+
+def consolidated_state_dict(directory: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full module state dict of a saved engine, in fp32 where ZeRO kept fp32 master weights.
+    (These are this run's own files; DeepSpeed's readers unpickle them.)"""
+    if zero_stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
+    state = torch.load(Path(directory) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    return dict(state["module"])
