@@ -55,11 +55,13 @@ class ToyLoader:
 
     def __iter__(self):
         while True:
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + self.rank * 1009 + self.position)
+            seed = self.cfg.train.seed * 100003 + self.rank * 1009 + self.position
+            gen = torch.Generator().manual_seed(seed)
             self.position += 1
             self.epoch = self.position // 10
             b, s = self.cfg.train.micro_batch, self.cfg.data.crop_size
-            yield {"image": torch.rand(b, 1, s, s, s, generator=gen), "location": torch.rand(b, 3, generator=gen),
+            yield {"image": torch.rand(b, 1, s, s, s, generator=gen),
+                   "location": torch.rand(b, 3, generator=gen),
                    "key": [f"k{i}" for i in range(b)], "tags": [{} for _ in range(b)]}
 
     def state_dict(self) -> dict:

@@ -297,7 +297,7 @@ def to_universal(checkpoint_dir: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     args = Namespace(input_folder=str(checkpoint_dir), output_folder=str(tmp / checkpoint_dir.name),
                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                     inject_missing_state=False)
+                     inject_missing_state=True)
     with contextlib.redirect_stdout(None):
         ds_to_universal.main(args)
     os.replace(tmp, out)
@@ -305,11 +305,11 @@ def to_universal(checkpoint_dir: Path, out: Path) -> None:
 
 def consolidated_state_dict(directory: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full module state dict of a saved engine, in fp32 where ZeRO kept fp32 master weights.
-    (These are this run's own files; DeepSpeed's readers unpickle them.)"""
+    (ZeRO shards are read by DeepSpeed's own consolidation utility.)"""
     if zero_stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
     state = torch.load(Path(directory) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     return dict(state["module"])
