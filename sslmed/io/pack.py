@@ -172,8 +172,10 @@ def _outcomes(paths: list[Path], options: dict, workers: int) -> Iterator[Outcom
         return
     import multiprocessing
 
-    # spawn: the parent may hold threads (zarr's event loop) that fork would copy in a locked state
-    context = multiprocessing.get_context("spawn")
+    # forkserver: a fresh single-threaded process imports torch/MONAI once and forks the workers from
+    # it; forking this process could copy threads (zarr's event loop, OpenMP) in a locked state
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["sslmed.io.pack", "torch", "monai.transforms", "monai.data"])
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
     queue = iter(paths)
     in_flight = deque((path, pool.submit(prepare, path, options)) for path in islice(queue, 2 * workers))

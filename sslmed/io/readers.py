@@ -6,6 +6,7 @@ Every failure — unreadable, truncated, wrong dimensionality, non-finite values
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -127,8 +128,14 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
 def _read_nifti(path: Path, max_voxels: int) -> Volume:
     import nibabel as nib
 
-    image = nib.load(str(path))
+    image = nib.load(str(path))  # reads the header only
     _check_size(image.shape, path, max_voxels)
+    if path.name.lower().endswith(".gz"):
+        # nibabel stops reading at the end of the data and never checks the gzip CRC, so a corrupted
+        # stream could load as wrong voxels; decompress it whole (CRC checked) and read from memory
+        raw = gzip.decompress(path.read_bytes())
+        sizeof_hdr = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+        image = (nib.Nifti2Image if 540 in sizeof_hdr else nib.Nifti1Image).from_bytes(raw)
     array = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
     affine = image.affine
     zooms = image.header.get_zooms()[:3]
