@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from sslmed.errors import VolumeError
 from sslmed.io.manifest import iter_shard, load_manifest
 from sslmed.io.pack import pack
 from sslmed.io.preprocess import cast, cast_tolerance, preprocess, to_float
@@ -40,12 +41,13 @@ def read_packed(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
     return samples
 
 
-def write_dicom_series(folder: Path, hu: np.ndarray, spacing_rc=(0.8, 0.7), thickness=2.5) -> None:
+def write_dicom_series(folder: Path, hu: np.ndarray, spacing_rc=(0.8, 0.7), thickness=2.5,
+                       prefix: str = "IM") -> None:
     """Slices of `hu[i, j, k]` (column i, row j, slice k), shuffled order, slope 2, intercept -2048."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     stored = ((hu + 2048) / 2).astype(np.uint16)
     series = generate_uid()
     for k in np.random.default_rng(0).permutation(hu.shape[2]):
@@ -66,7 +68,7 @@ def write_dicom_series(folder: Path, hu: np.ndarray, spacing_rc=(0.8, 0.7), thic
         ds.ImagePositionPatient = [-10.0, 5.0, float(k) * thickness]
         ds.RescaleSlope, ds.RescaleIntercept = 2, -2048
         ds.PixelData = plane.tobytes()
-        ds.save_as(folder / f"IM{k:04d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{prefix}{k:04d}.dcm", enforce_file_format=True)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,24 @@ def test_foreground_crop_keeps_the_bright_box(tmp_path):
     array, meta = preprocess(Volume(hu, (1, 1, 1), np.eye(4)), modality="ct", foreground_crop=True)
     assert array.shape == (7 + 4, 4 + 4, 7 + 4)  # the box plus a 2-voxel margin each side
     assert meta["foreground_fraction"] == pytest.approx(7 * 4 * 7 / array.size)
+
+
+def test_dicom_folder_skips_non_image_files_and_refuses_mixed_series(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    hu = np.arange(4 * 3 * 3, dtype=np.float32).reshape(4, 3, 3) * 2
+    write_dicom_series(tmp_path / "s", hu)
+    report = Dataset()  # a DICOM object without an image plane, as found beside real series
+    report.file_meta = FileMetaDataset()
+    report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    report.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    report.save_as(tmp_path / "s" / "REPORT", enforce_file_format=True)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "s" / "beside.nii.gz"))
+    assert find_inputs([tmp_path]) == [tmp_path / "s", tmp_path / "s" / "beside.nii.gz"]
+    assert find_inputs([tmp_path / "s" / "IM0001.dcm"]) == [tmp_path / "s"]
+    np.testing.assert_array_equal(read_volume(tmp_path / "s").array, hu)
+    write_dicom_series(tmp_path / "s", hu, prefix="OTHER")  # a second series in the same folder
+    with pytest.raises(VolumeError, match="2 DICOM series"):
+        read_volume(tmp_path / "s")

@@ -247,7 +247,15 @@ def _read_dicom_series(path: Path, max_voxels: int) -> Volume:
     files = dicom_files(folder)
     if not files:
         raise VolumeError(f"{folder}: no DICOM files in the folder")
-    slices = [pydicom.dcmread(str(f)) for f in files]
+    datasets = [pydicom.dcmread(str(f)) for f in files]
+    # DICOMDIR, structured reports and the like carry no image plane: not part of the volume
+    slices = [d for d in datasets if "PixelData" in d and "ImagePositionPatient" in d
+              and "ImageOrientationPatient" in d and "PixelSpacing" in d]
+    if not slices:
+        raise VolumeError(f"{folder}: no image slices with position, orientation and pixel spacing "
+                          f"among {len(files)} DICOM file(s)")
+    if any(int(getattr(s, "NumberOfFrames", 1) or 1) > 1 for s in slices):
+        raise VolumeError(f"{folder}: multi-frame DICOM is not supported; convert it to NIfTI first")
     series = {str(getattr(s, "SeriesInstanceUID", "")) for s in slices}
     if len(series) > 1:
         raise VolumeError(f"{folder}: {len(series)} DICOM series in one folder; "
@@ -288,13 +296,16 @@ def _rescaled(dataset) -> np.ndarray:
 # --- discovery -----------------------------------------------------------------------------------
 
 def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders into inputs: a folder of DICOM slices is one input; other folders are searched
-    recursively for supported files. Paths given explicitly are kept as they are (even if missing or
-    unsupported) so that they are reported rather than silently dropped."""
+    """Expand folders into inputs, searched recursively for supported files; a folder holding DICOM slices
+    is itself one input (a series), and a .dcm file stands for its folder. Other paths given explicitly
+    are kept as they are (even if missing or unsupported) so they are reported, not silently dropped."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        found.extend(_expand(path) if path.is_dir() else [path])
+        if path.is_dir():
+            found.extend(_expand(path))
+        else:
+            found.append(path.parent if path.suffix.lower() == ".dcm" and path.is_file() else path)
     unique: dict[Path, None] = {}
     for path in found:
         unique.setdefault(path, None)
@@ -302,9 +313,7 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _expand(folder: Path) -> list[Path]:
-    if dicom_files(folder):
-        return [folder]
-    inputs: list[Path] = []
+    inputs: list[Path] = [folder] if dicom_files(folder) else []
     for child in sorted(folder.iterdir()):
         if child.is_dir():
             inputs.extend(_expand(child))
