@@ -125,3 +125,26 @@ def test_parallel_workers_write_the_same_shards_as_one_process(tmp_path, phantom
     serial, parallel = load_manifest(packed_wds)["shards"], load_manifest(tmp_path / "parallel")["shards"]
     assert [s["keys"] for s in parallel] == [s["keys"] for s in serial]
     assert [file_sha256(tmp_path / "parallel" / s["path"]) for s in parallel] == [s["sha256"] for s in serial]
+
+
+def test_an_interrupted_run_leaves_a_valid_dataset_a_rerun_completes(tmp_path, phantom_files, monkeypatch):
+    import sslmed.io.pack as packing
+
+    out, real_prepare, calls = tmp_path / "out", packing.prepare, []
+
+    def interrupted_on_third(path, options):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_prepare(path, options)
+
+    monkeypatch.setattr(packing, "prepare", interrupted_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        pack(phantom_files, out, shard_size=1)  # one volume per shard
+    # the first shard was complete and is listed; the second was still open and is not
+    assert load_manifest(out)["samples"] == 1 and verify(out) == []
+    assert [line["status"] for line in report_lines(out)] == ["ok"]
+    monkeypatch.setattr(packing, "prepare", real_prepare)
+    summary = pack(phantom_files, out, shard_size=1)
+    assert (summary["skipped"], summary["ok"], summary["samples"]) == (1, 2, 3)
+    assert verify(out) == [] and not list(out.glob(".*.tmp"))
