@@ -37,7 +37,7 @@ class TinyMethod(nn.Module):
             target = self.teacher(x)
         distill = ((tokens.mean(1) - target) ** 2).mean()
         loss = recon + 0.1 * distill
-        return loss, {"loss_recon": float(recon), "loss_distill": float(distill)}
+        return loss, {"loss_recon": float(recon.detach()), "loss_distill": float(distill.detach())}
 
     def encoder(self) -> nn.Module:
         return self.backbone

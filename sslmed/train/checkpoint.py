@@ -203,10 +203,10 @@ def needs_universal(ckpt: Checkpoint, world: int) -> bool:
     return ckpt.world != world and ckpt.zero_stage >= 1
 
 
-def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> int:
-    """Load engine state, data position and RNG; returns the step to continue from. With a different
-    world size the data position and RNG cannot carry over (they are per rank): ranks re-seed from the
-    step instead (see launch/README.md)."""
+def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
+    """Load engine state and data position; returns the RNG state to set once the data stream has
+    started (starting it draws from the global RNG, as it did before the checkpoint was taken), or
+    None when the world size changed: data position and RNG are per rank and do not carry over."""
     from sslmed.train.engine import barrier, to_universal
 
     rank, world = engine.info.rank, engine.info.world
@@ -224,17 +224,11 @@ def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> int:
         raise
     except Exception as exc:  # DeepSpeed raises assorted errors for shape/state mismatches
         raise CheckpointError(f"cannot load checkpoint {ckpt.path}: {type(exc).__name__}: {exc}") from None
-    if ckpt.world == world:
-        extras = load_extras(ckpt, rank)
-        loader.load_state_dict(extras["loader"])
-        set_rng_state(extras["rng"])
-    else:
-        seed_everything(hash((engine_seed(ckpt), ckpt.step, rank)) % 2**31)
-    return ckpt.step
-
-
-def engine_seed(ckpt: Checkpoint) -> int:
-    return load_saved_config(ckpt.path).train.seed
+    if ckpt.world != world:
+        return None
+    extras = load_extras(ckpt, rank)
+    loader.load_state_dict(extras["loader"])
+    return extras["rng"]
 
 
 # ---- export -------------------------------------------------------------------------------------

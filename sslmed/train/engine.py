@@ -60,12 +60,8 @@ def _skip_shm_comm_op() -> None:
 def init_distributed() -> DistInfo:
     """Join the process group a launcher (torchrun, deepspeed, srun) describes through RANK /
     WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or make a 1-rank group for a plain process."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-    os.environ.setdefault("LOCAL_RANK", "0")
-    local_rank = int(os.environ["LOCAL_RANK"])
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     if on_cpu():
         _skip_shm_comm_op()
         backend, device = "gloo", torch.device("cpu")
@@ -74,8 +70,13 @@ def init_distributed() -> DistInfo:
         get_accelerator().set_device(local_rank)
         device = torch.device(get_accelerator().device_name(local_rank))
     if not dist.is_initialized():
+        # A plain process gets its own 1-rank group on a free local port, passed explicitly rather
+        # than through the environment so that child processes never mistake it for a launcher's.
+        alone = {} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0,
+                                     "world_size": 1}
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed's engine asserts it is set
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(minutes=30))
+                                   timeout=timedelta(minutes=30), **alone)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

@@ -47,24 +47,30 @@ def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: Load
                               universal=resume is not None and ckpt.needs_universal(resume, info.world))
     ckpt.seed_everything(cfg.train.seed * 1000 + info.rank)  # per-rank randomness (masks, noise)
     loader = build_loader(cfg, info.rank, info.world)
-    step = ckpt.restore(engine, resume, loader) if resume is not None else 0
-    if info.rank == 0 and resume is not None:
-        tqdm.write(f"resumed from {resume.path} at step {step}")
+    step, rng = 0, None
+    if resume is not None:
+        step, rng = resume.step, ckpt.restore(engine, resume, loader)
+        if info.rank == 0:
+            tqdm.write(f"resumed from {resume.path} at step {step}")
+    batches = first_batch_checked(iter(loader), cfg)
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    elif resume is not None:  # another world size: fresh per-rank randomness, distinct from step 0's
+        ckpt.seed_everything(cfg.train.seed * 1000 + info.rank + 7919 * step)
 
     with stop_on_sigterm() as stop_requested:
-        step = train(cfg, engine, loader, run_dir, step, stop_requested)
+        step = train(cfg, engine, loader, batches, run_dir, step, stop_requested)
     if step >= cfg.train.steps:
         export_final(cfg, engine, run_dir)
     return run_dir
 
 
-def train(cfg: Config, engine: eng.Engine, loader: Any, run_dir: Path, step: int,
+def train(cfg: Config, engine: eng.Engine, loader: Any, batches: Iterator[dict], run_dir: Path, step: int,
           stop_requested: Callable[[], bool]) -> int:
     """Optimizer steps until `train.steps` or a stop request; checkpoints as configured. Returns the
     last completed step."""
     info, steps, method = engine.info, cfg.train.steps, engine.module
     logger = RunLogger(run_dir, step) if info.rank == 0 else None
-    batches = first_batch_checked(iter(loader), cfg)
     meter = Throughput()
     bar = tqdm(total=steps, initial=step, disable=info.rank != 0, desc="pretrain", dynamic_ncols=True)
     try:
