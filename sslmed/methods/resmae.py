@@ -21,7 +21,11 @@ def require_cnn_masking(cfg: Config, method: str) -> None:
     p, s = cfg.model.patch_size, cfg.data.crop_size
     require(s % DOWNSAMPLE == 0,
             f"method '{method}': data.crop_size ({s}) must be a multiple of {DOWNSAMPLE}")
-    require(p > 0 and s % p == 0,
+    # Masked cells must survive to the deepest (1/16) map, so a mask patch covers whole cells there.
+    require(p > 0 and p % DOWNSAMPLE == 0,
+            f"method '{method}': model.patch_size ({p}) must be a multiple of {DOWNSAMPLE}, the encoder's "
+            f"downsampling, so that masking holds at every stage")
+    require(s % p == 0,
             f"method '{method}': data.crop_size ({s}) must be a multiple of model.patch_size ({p})")
 
 
