@@ -103,14 +103,15 @@ def test_resume_refuses_different_settings(tmp_path, phantom_files):
         pack(phantom_files[:1], tmp_path / "out", dtype="uint8")
 
 
-def test_keys_are_unique_and_tags_are_attached(tmp_path, phantom_files):
+def test_keys_are_unique_and_tags_are_attached(tmp_path, phantom_files, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         shutil.copy(phantom_files[0], tmp_path / folder / "scan 01.nii.gz")
     tags = tmp_path / "tags.csv"
     tags.write_text(f"path,status,subject\n{tmp_path / 'b' / 'scan 01.nii.gz'},abnormal,s2\n"
-                    f"{phantom_files[1].name},normal,s1\n")
+                    f"{phantom_files[1].name},normal,s1\ntypo.nii.gz,normal,s3\n")
     pack([tmp_path / "a", tmp_path / "b", phantom_files[1]], tmp_path / "out", tags=tags)
+    assert "1 row(s) of" in capsys.readouterr().err  # the typo is reported, not dropped silently
     metas = {m["key"]: m for m in iter_metadata(tmp_path / "out")}
     assert set(metas) == {"scan-01", "scan-01_1", phantom_files[1].name.removesuffix(".nii.gz")}
     assert metas["scan-01"]["tags"] == {}

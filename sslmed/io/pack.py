@@ -68,13 +68,16 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
         pending.append({"path": str(path), "status": status, "reason": reason, "key": key})
 
     jobs = []
+    matched_tags: set[tuple[str, str]] = set()
     for path in paths:
         source = str(path.resolve())
         if source in packed:
             record(path, "skipped", "already packed", packed[source])
+            _tags_for(tag_table, path, packed[source], matched_tags)  # packed before, but not a typo
         else:
             key = unique_key(path, used_keys)
-            jobs.append((path, key, {**_tags_for(tag_table, path, key)}))
+            jobs.append((path, key, _tags_for(tag_table, path, key, matched_tags)))
+    _warn_unmatched_tags(tag_table, matched_tags, tags)
     options = {"spacing": spacing, "modality": modality, "dtype": dtype, "foreground_crop": foreground_crop,
                "repair_nonfinite": repair_nonfinite}
     if fmt == "wds":
@@ -250,14 +253,29 @@ def read_tags(csv_path: str | Path) -> dict[str, dict[str, dict[str, str]]]:
     return table
 
 
-def _tags_for(table: dict | None, path: Path, key: str) -> dict[str, str]:
+def _tags_for(table: dict | None, path: Path, key: str, matched: set[tuple[str, str]]) -> dict[str, str]:
+    """The tags of one input (by file name, path as given, absolute path, then key); notes what matched."""
     if not table:
         return {}
     tags: dict[str, str] = {}
-    for candidate in (path.name, str(path), str(path.resolve())):
-        tags.update(table["path"].get(candidate, {}))
-    tags.update(table["key"].get(key, {}))
+    for column, candidate in (("path", path.name), ("path", str(path)), ("path", str(path.resolve())),
+                              ("key", key)):
+        if candidate in table[column]:
+            tags.update(table[column][candidate])
+            matched.add((column, candidate))
     return tags
+
+
+def _warn_unmatched_tags(table: dict | None, matched: set[tuple[str, str]], csv_path) -> None:
+    """A tag row that names no input is most likely a typo: say so rather than drop it silently."""
+    if not table:
+        return
+    unmatched = [value for column in ("path", "key") for value in table[column]
+                 if (column, value) not in matched]
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (" …" if len(unmatched) > 5 else "")
+        print(f"sslmed pack: warning: {len(unmatched)} row(s) of {csv_path} match no input: {shown}",
+              file=sys.stderr)
 
 
 def _human(size: float) -> str:

@@ -306,10 +306,10 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
             found.extend(_expand(path))
         else:
             found.append(path.parent if path.suffix.lower() == ".dcm" and path.is_file() else path)
-    unique: dict[Path, None] = {}
+    unique: dict[Path, Path] = {}  # the same file named twice (relative and absolute) is one input
     for path in found:
-        unique.setdefault(path, None)
-    return list(unique)
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def _expand(folder: Path) -> list[Path]:
