@@ -30,7 +30,7 @@ import ray
 from ray import tune
 
 from sslmed.config import Config, config_from_dict, set_key
-from sslmed.errors import CheckpointError
+from sslmed.errors import CheckpointError, SslmedError
 from sslmed.eval.sweep_report import write_reports
 
 OBJECT_STORE_BYTES = 256 * 2**20  # trials exchange only paths and small dicts
@@ -138,14 +138,26 @@ def pretrain_digest(cfg: Config) -> str:
 
 
 def run_pretraining(cfg: Config, base: dict, ratios: list[float], out: Path) -> dict[float, dict]:
-    """{mask ratio: {"encoder": path} or {"error": text}}."""
+    """{mask ratio: {"encoder": path} or {"error": text}}; Tune trials only for encoders not cached yet."""
     cache = out / "pretrain"
     cache.mkdir(parents=True, exist_ok=True)
     steps = cfg.sweep.pretrain_steps or cfg.train.steps
-    results = run_tune(cfg, pretrain_trial, [{"mask_ratio": r} for r in ratios], out, "pretrain",
+    encoders, pending = {}, []
+    for ratio in ratios:
+        try:
+            digest = pretrain_digest(trial_config(base, pretrain_overrides(ratio, steps)))
+        except SslmedError as exc:  # a bad setting fails the trials that need it, not the sweep
+            encoders[ratio] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        if (cache / digest / ENCODER_FILE).exists():
+            encoders[ratio] = {"encoder": str(cache / digest / ENCODER_FILE)}
+        else:
+            pending.append({"mask_ratio": ratio})
+    if not pending:
+        return encoders
+    results = run_tune(cfg, pretrain_trial, pending, out, "pretrain",
                        reuse_actors=False,  # each pretraining in a fresh process: no distributed state left
                        base=base, cache=str(cache), steps=steps)
-    encoders = {}
     for result in results:
         ratio = result.config["trial"]["mask_ratio"]
         encoders[ratio] = ({"error": error_text(result.error)} if result.error
@@ -153,9 +165,13 @@ def run_pretraining(cfg: Config, base: dict, ratios: list[float], out: Path) -> 
     return encoders
 
 
+def pretrain_overrides(mask_ratio: float, steps: int) -> dict:
+    return {"method.mask_ratio": mask_ratio, "train.steps": steps}
+
+
 def pretrain_trial(config: dict, base: dict, cache: str, steps: int) -> None:
     """Tune trainable: the encoder for one mask ratio, from the cache or from a new pretraining run."""
-    cfg = trial_config(base, {"method.mask_ratio": config["trial"]["mask_ratio"], "train.steps": steps})
+    cfg = trial_config(base, pretrain_overrides(config["trial"]["mask_ratio"], steps))
     tune.report({"encoder": str(cached_pretraining(cfg, Path(cache)))})
 
 

@@ -1,0 +1,95 @@
+"""Ray Tune sweep on CPU: real pack → MAE pretraining (once per mask ratio) → linear probes → reports.
+
+One Ray session for the module (starting Ray takes ~20 s here)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sslmed.config import load_config
+from sslmed.eval.sweep import PRETRAIN_LOG, sweep
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.dim=32", "model.depth=2", "model.heads=2", "model.patch_size=8", "data.crop_size=16",
+        "method.decoder_dim=16", "method.decoder_depth=1", "data.shuffle_buffer=4", "train.micro_batch=4",
+        "sweep.pretrain_steps=2", "eval.seeds=[0]", "eval.mode=linear", "sweep.cpus_per_trial=1"]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    """16 labelled volumes (label = stripe orientation), packed with `sslmed pack` and a tags CSV."""
+    from sslmed.io.pack import pack
+
+    root = tmp_path_factory.mktemp("sweepdata")
+    rng = np.random.default_rng(0)
+    (root / "src").mkdir()
+    with open(root / "tags.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for i in range(16):
+            volume = rng.normal(0.0, 0.5, (16, 16, 16)).astype(np.float32)
+            volume[(slice(None, None, 4),) if i % 2 else (slice(None), slice(None, None, 4))] += 1.5
+            np.save(root / "src" / f"s{i:02d}.npy", volume)
+            writer.writerow([f"s{i:02d}.npy", "ab"[i % 2]])
+    assert pack([root / "src"], root / "packed", tags=root / "tags.csv")["ok"] == 16
+    return root / "packed"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from sslmed.eval.sweep import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def sweep_config(packed: Path, out: Path, *extra: str):
+    return load_config("sweep-tiny", [*TINY, f"data.path={packed}", f"eval.data={packed}", f"sweep.out={out}",
+                                      *extra])
+
+
+def pretrain_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "pretrain" / PRETRAIN_LOG).read_text().splitlines()]
+
+
+def test_sweep_pretrains_once_per_ratio_and_records_failures(tmp_path, packed, ray_session, capsys):
+    out = tmp_path / "sweep"
+    # A duplicated ratio must not pretrain twice: 2 ratios × 2 fractions × 1 seed = 4 trials.
+    cfg = sweep_config(packed, out, "sweep.mask_ratios=[0.5,0.75,0.5]", "eval.label_fractions=[0.5,1.0]",
+                       "sweep.include_random=false")
+    assert sweep(cfg) == out.resolve()
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 4 and (results["status"] == "ok").all(), results.to_string()
+    assert sorted(zip(results["mask_ratio"], results["label_fraction"], strict=True)) == [
+        (0.5, 0.5), (0.5, 1.0), (0.75, 0.5), (0.75, 1.0)]
+    assert (results["balanced_accuracy"] > 0.5).all()
+    assert sorted(e["mask_ratio"] for e in pretrain_log(out)) == [0.5, 0.75]
+    table = (out / "results.md").read_text()
+    assert "mask ratio 0.5" in table and "mask ratio 0.75" in table and table in capsys.readouterr().out
+    for png in ("balanced_accuracy_vs_label_fraction.png", "auroc_vs_label_fraction.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Second sweep into the same folder: 0.75 comes from the cache, 1.0 is an invalid mask ratio whose
+    # trial fails without stopping the sweep, and the random-init baseline runs beside them.
+    cfg = sweep_config(packed, out, "sweep.mask_ratios=[0.75,1.0]", "eval.label_fractions=[1.0]",
+                       "sweep.include_random=true")
+    sweep(cfg)
+    results = pd.read_csv(out / "results.csv").set_index("trial")
+    assert len(results) == 3
+    assert results.loc["mask0.75-frac1.0-seed0", "status"] == "ok"
+    assert results.loc["random-frac1.0-seed0", "status"] == "ok"
+    failed = results.loc["mask1.0-frac1.0-seed0"]
+    assert failed["status"] == "failed" and "mask_ratio" in failed["error"], failed["error"]
+    assert len(pretrain_log(out)) == 2  # nothing pretrained again
+    table = (out / "results.md").read_text()
+    assert "random init" in table and "Failed trials" in table
