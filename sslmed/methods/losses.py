@@ -29,6 +29,10 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from all ranks along dim 0, gradients flowing back; identity on one rank."""
     if not distributed():
@@ -46,7 +50,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"nt_xent expects two (N, D) tensors of one shape, got {tuple(z1.shape)} and "
                          f"{tuple(z2.shape)}")
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    # float32 at least: a softmax over 2N similarities / temperature is too coarse in bf16
+    z1, z2 = F.normalize(_at_least_fp32(z1), dim=1), F.normalize(_at_least_fp32(z2), dim=1)
     n = z1.shape[0]
     if gather and distributed():
         k1, k2 = gather_with_grad(z1), gather_with_grad(z2)
@@ -65,7 +70,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean negative cosine similarity of predictions `p` to targets `z`; no gradient reaches `z`."""
-    return -(F.normalize(p, dim=-1) * F.normalize(z.detach(), dim=-1)).sum(dim=-1).mean()
+    p, z = _at_least_fp32(p), _at_least_fp32(z.detach())
+    return -(F.normalize(p, dim=-1) * F.normalize(z, dim=-1)).sum(dim=-1).mean()
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
