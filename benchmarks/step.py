@@ -260,7 +260,7 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, flops_ca
     bf16 = args.precision == "bf16"
     key = (case.impl, case.method, case.size, case.crop)
     total = args.warmup + args.steps
-    deepspeed = args.engine == "deepspeed" and case.impl == "sslmed"
+    deepspeed = args.engine == "deepspeed"
     if deepspeed and key not in flops_cache:  # before the engine takes the module over
         flops_cache[key] = count_flops(module, batch, bf16, device, case.checkpointing)
     step = deepspeed_stepper(module, cfg, total) if deepspeed else torch_stepper(
@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="activation checkpointing (sslmed.models.set_activation_checkpointing)")
     p.add_argument("--compile", action="store_true", help="torch.compile the module")
     p.add_argument("--engine", choices=["torch", "deepspeed"], default="torch",
-                   help="torch: AdamW loop; deepspeed: through sslmed.train.engine (sslmed rows only)")
+                   help="torch: AdamW loop; deepspeed: through sslmed.train.engine (MONAI rows too)")
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="with --engine deepspeed")
     p.add_argument("--no-monai", action="store_true", help="skip MONAI's MaskedAutoEncoderViT")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
