@@ -174,11 +174,11 @@ def test_foreground_crop_keeps_the_bright_box(tmp_path):
     assert meta["foreground_fraction"] == pytest.approx(7 * 4 * 7 / array.size)
 
 
-def test_dicom_folder_skips_non_image_files_and_refuses_mixed_series(tmp_path):
+def test_dicom_folder_skips_non_image_files_refuses_gaps_and_mixed_series(tmp_path):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    hu = np.arange(4 * 3 * 3, dtype=np.float32).reshape(4, 3, 3) * 2
+    hu = np.arange(4 * 3 * 4, dtype=np.float32).reshape(4, 3, 4) * 2
     write_dicom_series(tmp_path / "s", hu)
     report = Dataset()  # a DICOM object without an image plane, as found beside real series
     report.file_meta = FileMetaDataset()
@@ -190,6 +190,10 @@ def test_dicom_folder_skips_non_image_files_and_refuses_mixed_series(tmp_path):
     assert find_inputs([tmp_path]) == [tmp_path / "s", tmp_path / "s" / "beside.nii.gz"]
     assert find_inputs([tmp_path / "s" / "IM0001.dcm"]) == [tmp_path / "s"]
     np.testing.assert_array_equal(read_volume(tmp_path / "s").array, hu)
+    (tmp_path / "s" / "IM0001.dcm").rename(tmp_path / "IM0001.dcm")  # a missing middle slice
+    with pytest.raises(VolumeError, match="uneven slice spacing"):
+        read_volume(tmp_path / "s")
+    (tmp_path / "IM0001.dcm").rename(tmp_path / "s" / "IM0001.dcm")
     write_dicom_series(tmp_path / "s", hu, prefix="OTHER")  # a second series in the same folder
     with pytest.raises(VolumeError, match="2 DICOM series"):
         read_volume(tmp_path / "s")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from sslmed import __version__
-from sslmed.errors import DataError, SslmedError, VolumeError
+from sslmed.errors import ConfigError, DataError, SslmedError, VolumeError
 from sslmed.io.format import CODECS, FORMAT_VERSION, MANIFEST, REPORT, write_json_atomic
 from sslmed.io.preprocess import CT_WINDOW, DTYPES, MR_PERCENTILES, preprocess
 from sslmed.io.readers import find_inputs, read_volume, suffix_of
@@ -132,7 +132,7 @@ def _check_options(fmt, modality, dtype, shard_size, workers, on_error, codec, c
     ]
     for ok, message in checks:
         if not ok:
-            raise SslmedError(message)
+            raise ConfigError(message)
 
 
 def _start_manifest(out: Path, fmt: str, codec: str, settings: dict) -> dict:

@@ -267,9 +267,7 @@ def _read_dicom_series(path: Path, max_voxels: int) -> Volume:
     positions = np.array([np.asarray(s.ImagePositionPatient, dtype=float) for s in slices])
     order = np.argsort(positions @ normal, kind="stable")
     slices, positions = [slices[i] for i in order], positions[order]
-    distances = positions @ normal
-    if len(slices) > 1 and np.min(np.diff(distances)) <= 1e-6:
-        raise VolumeError(f"{folder}: duplicate slice positions along the slice normal")
+    _check_slice_geometry(folder, slices, positions @ normal)
     # pixel_array is (rows, columns); columns advance along row_dir, so index i = column, j = row
     planes = [_rescaled(s).T for s in slices]
     if len({p.shape for p in planes}) > 1:
@@ -285,6 +283,21 @@ def _read_dicom_series(path: Path, max_voxels: int) -> Volume:
     modality = {"CT": "ct", "MR": "mr"}.get(str(getattr(slices[0], "Modality", "")).upper(), "unknown")
     meta = {"format": "dicom", "slices": len(slices), "series_uid": series.pop()}
     return Volume(array, spacing_of(affine), affine, modality, meta)
+
+
+def _check_slice_geometry(folder: Path, slices: list, distances: np.ndarray) -> None:
+    """One orientation, distinct and evenly spaced slices: otherwise the affine would misplace voxels."""
+    orientations = np.array([np.asarray(s.ImageOrientationPatient, dtype=float) for s in slices])
+    if np.abs(orientations - orientations[0]).max() > 1e-4:
+        raise VolumeError(f"{folder}: slices with different orientations in one series")
+    if len(slices) < 2:
+        return
+    gaps = np.diff(distances)
+    if gaps.min() <= 1e-6:
+        raise VolumeError(f"{folder}: duplicate slice positions along the slice normal")
+    if gaps.max() - gaps.min() > max(0.01 * gaps.mean(), 1e-3):
+        raise VolumeError(f"{folder}: uneven slice spacing ({gaps.min():.3g}–{gaps.max():.3g} mm); "
+                          "a slice may be missing")
 
 
 def _rescaled(dataset) -> np.ndarray:
