@@ -44,13 +44,16 @@ def packed(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_session():
+    import shutil
+
     import ray
 
     from sslmed.eval.sweep import start_local_ray
 
-    start_local_ray(num_cpus=2)
+    temp_dir = start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def sweep_config(packed: Path, out: Path, *extra: str):

@@ -57,27 +57,33 @@ def sweep(cfg: Config, address: str | None = None) -> Path:
 # ---- Ray session -------------------------------------------------------------------------------
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """A private local Ray instance: no dashboard, a small object store, a short socket path."""
+def start_local_ray(num_cpus: int | None = None) -> Path:
+    """A private local Ray instance: no dashboard, a small object store, a short socket path (Unix
+    sockets live under the temp dir and their paths must stay short). Returns the temp dir."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=str(temp_dir),
              log_to_driver=False, configure_logging=False)
+    return temp_dir
 
 
 @contextmanager
 def ray_session(address: str | None):
     """Join `address`, reuse a session the caller already started, or start (and stop) a local one."""
     owned = not ray.is_initialized()
+    temp_dir = None
     if owned:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            start_local_ray()
+            temp_dir = start_local_ray()
     try:
         yield
     finally:
         if owned:
             ray.shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def run_tune(cfg: Config, trainable, trials: list[dict], out: Path, name: str, reuse_actors: bool,
@@ -89,7 +95,8 @@ def run_tune(cfg: Config, trainable, trials: list[dict], out: Path, name: str, r
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent or None,
                                     reuse_actors=reuse_actors),
-        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0,
+        run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str(out / "tune"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     return list(tuner.fit())

@@ -24,6 +24,8 @@ def write_reports(rows: list[dict], out: Path, metrics: tuple[str, ...]) -> str:
     columns = ["trial", "label_fraction", "mask_ratio", "seed", "encoder", "status", "error", *metrics]
     frame = pd.DataFrame(rows)
     frame = frame.reindex(columns=[*columns, *(c for c in frame.columns if c not in columns)])
+    if "n_labelled" in frame:  # a count, even where failed trials leave it empty
+        frame["n_labelled"] = frame["n_labelled"].astype("Int64")
     write_text_atomic(out / "results.csv", frame.to_csv(index=False))
     text = markdown(rows, metrics)
     write_text_atomic(out / "results.md", text)
@@ -55,7 +57,7 @@ def markdown(rows: list[dict], metrics: tuple[str, ...]) -> str:
     for metric in metrics:
         stats = grouped(rows, metric)
         lines += [f"## {metric} (mean ± std over seeds)", "",
-                  "| encoder | " + " | ".join(f"{f:g} labels" for f in fractions) + " |",
+                  "| encoder | " + " | ".join(f"{100 * f:g}% labels" for f in fractions) + " |",
                   "|---|" + "---|" * len(fractions)]
         for label in _order(stats):
             cells = [format_mean_std(stats[label][f]) if f in stats[label] else "" for f in fractions]
