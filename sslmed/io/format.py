@@ -36,13 +36,19 @@ def encode_volume(array: np.ndarray, codec: str) -> tuple[str, bytes]:
     raw = buffer.getvalue()
     if codec == "none":
         return "vol.npy", raw
-    from numcodecs import Blosc
+    from numcodecs import Blosc, blosc
 
     # The .npy header is padded to a multiple of 64 bytes, so the whole file views as the array's item
     # size; that lets bit-shuffle group the bits of each int16/float16 value instead of single bytes.
     itemsize = array.dtype.itemsize
     view = np.frombuffer(raw, dtype=f"u{itemsize}") if len(raw) % itemsize == 0 else np.frombuffer(raw, "u1")
-    return "vol.blosc", bytes(Blosc(cname=codec, clevel=5, shuffle=Blosc.BITSHUFFLE).encode(view))
+    # Blosc's global thread pool lays compressed blocks out in completion order; the single-threaded
+    # context gives the same bytes every time, so shards and their checksums are reproducible.
+    threaded, blosc.use_threads = blosc.use_threads, False
+    try:
+        return "vol.blosc", bytes(Blosc(cname=codec, clevel=5, shuffle=Blosc.BITSHUFFLE).encode(view))
+    finally:
+        blosc.use_threads = threaded
 
 
 def decode_volume(extension: str, payload: bytes) -> np.ndarray:
