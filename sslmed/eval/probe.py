@@ -3,7 +3,7 @@
 Modes (`eval.mode`):
 
 * `linear` — logistic regression (scikit-learn) on standardised frozen features;
-* `knn` — cosine k-nearest-neighbour vote (`eval.knn_k`) on frozen features;
+* `knn` — cosine k-nearest-neighbour vote (`eval.knn_k`, weighted by 1/distance) on frozen features;
 * `finetune` — the encoder and a linear head trained end to end (`eval.epochs`, `eval.lr`, `eval.batch_size`);
 * `fusion` — one copy of the encoder per input branch (`eval.branches`), features concatenated, a
   classifier on top, all trained end to end (a multi-sequence fusion model).
@@ -32,7 +32,7 @@ from sslmed.errors import DataError
 from sslmed.eval.encoders import build_encoder, device_of, extract_features, feature_dim
 from sslmed.eval.labelled import LabelledSet, load_labelled
 from sslmed.eval.metrics import classification_metrics, clustering_metrics
-from sslmed.eval.reports import summarise, write_json_atomic
+from sslmed.eval.reports import summarise, summary_table, write_json_atomic
 from sslmed.eval.subsets import label_subset, split_train_test
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "auprc")
@@ -75,6 +75,7 @@ def finetune(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "metrics.json", report)
+    print(summary_table(report), f"\nwrote {run_dir / 'metrics.json'}", sep="\n")
     return report
 
 
@@ -90,8 +91,9 @@ def predict(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.nda
         if cfg.eval.mode == "linear":
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
         else:
+            # Distance-weighted votes: with few labels (k close to the subset size) a plain vote ties.
             model = KNeighborsClassifier(n_neighbors=min(cfg.eval.knn_k, len(chosen)), metric="cosine",
-                                         algorithm="brute")
+                                         weights="distance", algorithm="brute")
         model.fit(features[chosen], y)
         probs = np.zeros((len(test_idx), n_classes))
         probs[:, model.classes_] = model.predict_proba(features[test_idx])

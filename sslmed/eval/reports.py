@@ -56,6 +56,20 @@ def summarise(runs: list[dict], metrics: tuple[str, ...]) -> dict:
             for f in fractions}
 
 
+def summary_table(report: dict) -> str:
+    """A probe's summary as markdown: one row per label fraction, mean ± std over seeds."""
+    metrics = list(next(iter(report["summary"].values())))
+    lines = [f"{report['mode']} probe of {report['encoder']} ({report['n_train']} train / {report['n_test']} "
+             "test samples)", "", "| label fraction | " + " | ".join(metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for fraction, stats in report["summary"].items():
+        lines.append(f"| {fraction} | " + " | ".join(format_mean_std(stats[m]) for m in metrics) + " |")
+    c = report["clustering"]
+    lines += ["", f"k-means on test embeddings ({c['n_clusters']} clusters): NMI {c['nmi']:.3f}, "
+              f"ARI {c['ari']:.3f}, cluster accuracy {c['cluster_accuracy']:.3f}"]
+    return "\n".join(lines)
+
+
 def format_mean_std(stats: dict, digits: int = 3) -> str:
     if stats["n"] == 0:
         return "n/a"
