@@ -31,7 +31,8 @@ def packed(tmp_path_factory, phantoms) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("packed")
     pack(phantoms, root / "wds", fmt="wds", shard_size=1)  # one volume per shard
     pack(phantoms, root / "zarr", fmt="zarr", chunk=8)  # 4×4×4 chunks of 8³ in one zarr shard
-    return {"wds": root / "wds", "zarr": root / "zarr"}
+    pack(phantoms, root / "npy", fmt="wds", codec="none")  # plain .vol.npy members
+    return {"wds": root / "wds", "zarr": root / "zarr", "npy": root / "npy"}
 
 
 def test_formats_agree_and_read_is_stored_times_scale_plus_offset(packed):
@@ -43,10 +44,11 @@ def test_formats_agree_and_read_is_stored_times_scale_plus_offset(packed):
     expected = stored.astype(np.float32) * np.float32(meta["scale"]) + np.float32(meta["offset"])
     np.testing.assert_array_equal(arrays.read(key), expected)
     np.testing.assert_array_equal(tar.read(key), expected)
+    np.testing.assert_array_equal(open_dataset(packed["npy"]).read(key), expected)
     assert tar.meta(key) == meta and list(expected.shape) == meta["shape"]
 
 
-@pytest.mark.parametrize("fmt", ["wds", "zarr"])
+@pytest.mark.parametrize("fmt", ["wds", "zarr", "npy"])
 def test_read_crop_is_zero_padded_slice(packed, fmt):
     dataset = open_dataset(packed[fmt])
     key = dataset.keys[2]

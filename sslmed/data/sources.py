@@ -134,6 +134,18 @@ def open_dataset(path: str | Path) -> PackedDataset:
 # ---- payload decoding ----------------------------------------------------------------------------
 
 
+def npy_layout(data: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, header bytes) of `.npy` bytes, read from the header alone."""
+    stream = io.BytesIO(data)  # shares the bytes (copy-on-write): nothing is copied here
+    version = np.lib.format.read_magic(stream)
+    npy = np.lib.format
+    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream)  # parses a literal dict: no pickle involved
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    return shape, dtype, fortran, stream.tell()
+
+
 def check_payload(suffix: str, data: bytes) -> None:
     """Cheap structural check (headers and lengths, no decompression) so truncation is caught early."""
     if suffix == "vol.blosc":
@@ -141,23 +153,24 @@ def check_payload(suffix: str, data: bytes) -> None:
         if cbytes != len(data):
             raise ValueError(f"blosc buffer of {len(data)} bytes, header says {cbytes}")
         return
-    stream = io.BytesIO(data)
-    version = np.lib.format.read_magic(stream)
-    shape, fortran, dtype = np.lib.format._read_array_header(stream, version)  # header only, no pickle
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed")
-    expected = stream.tell() + int(np.prod(shape)) * dtype.itemsize
+    shape, dtype, _, header = npy_layout(data)
+    expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f".npy payload of {len(data)} bytes, header implies {expected}")
 
 
 def decode_payload(suffix: str, data: bytes, codec: str) -> np.ndarray:
+    """The stored array, as a read-only view of the (decompressed) `.npy` bytes: no extra copy."""
     if suffix == "vol.blosc":
         data = numcodecs.Blosc(cname=codec).decode(data)  # the cname is in the blosc header; any decodes
-    array = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
-    if array.ndim != 3:
-        raise ValueError(f"array has {array.ndim} dimensions, expected 3")
-    return array
+    shape, dtype, fortran, header = npy_layout(data)
+    count = int(np.prod(shape))
+    if len(data) < header + count * dtype.itemsize:
+        raise ValueError(f".npy payload of {len(data)} bytes is too short for {shape} {dtype}")
+    if len(shape) != 3:
+        raise ValueError(f"array has {len(shape)} dimensions, expected 3")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=header)
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def volume_from_meta(array: Any, meta: dict) -> Volume:
@@ -173,6 +186,7 @@ class TarDataset:
         self.codec = manifest.get("codec", "none")
         self.shards = manifest.get("shards", [])
         self.units = [shard["path"] for shard in self.shards]
+        self._entry = {shard["path"]: shard for shard in self.shards}
         self._shard_of = {key: shard["path"] for shard in self.shards for key in shard.get("keys", [])}
         self.keys = list(self._shard_of)
 
@@ -212,7 +226,7 @@ class TarDataset:
     # streaming
     def unit_size(self, unit: str) -> int | None:
         """Samples in a unit per the manifest, when the file on disk is intact in size (else unknown)."""
-        entry = next(s for s in self.shards if s["path"] == unit)
+        entry = self._entry[unit]
         path = self.root / unit
         intact = path.is_file() and ("bytes" not in entry or path.stat().st_size == entry["bytes"])
         return int(entry["samples"]) if intact and "samples" in entry else None
