@@ -263,6 +263,12 @@ class Engine:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(Path(directory) / tag)
+        # The optimizer state brings back the rate its last step set; recompute it from the restored
+        # position so that a resumed run with another train.steps follows the new schedule at once.
+        schedule = self.ds.lr_scheduler
+        for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs,
+                                       schedule.lr_lambdas, strict=True):
+            group["lr"] = base * factor(schedule.last_epoch)
 
 
 def build_engine(cfg: Config, method: torch.nn.Module, info: DistInfo, universal: bool = False) -> Engine:
@@ -277,12 +283,21 @@ def build_engine(cfg: Config, method: torch.nn.Module, info: DistInfo, universal
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     ds_engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=schedule,
                                               config=ds_config, dist_init_required=False)
-    if cfg.train.compile:
-        ds_engine.compile()
     precision = "bf16" if ds_config["bf16"].get("enabled") else "fp16" if ds_config["fp16"].get(
         "enabled") else "fp32"
+    cast_float_buffers(ds_engine.module, DTYPES[precision])
+    if cfg.train.compile:
+        ds_engine.compile()
     stage = int(ds_config["zero_optimization"].get("stage", 0))
     return Engine(ds_engine, info, DTYPES[precision], stage)
+
+
+def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm's running statistics must
+    match its weights' dtype, so floating buffers follow the parameters."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point() and buffer.dtype != dtype:
+            buffer.data = buffer.data.to(dtype)
 
 
 # ---- checkpoint formats -------------------------------------------------------------------------
