@@ -118,6 +118,7 @@ class PackedDataset(Protocol):
     def meta(self, key: str) -> dict: ...
     def read(self, key: str) -> np.ndarray: ...
     def read_crop(self, key: str, start: Sequence[int], size: Sequence[int]) -> np.ndarray: ...
+    def volume(self, key: str) -> Volume: ...
     def unit_size(self, unit: str) -> int | None: ...
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]: ...
 
@@ -189,18 +190,25 @@ class TarDataset:
         self._entry = {shard["path"]: shard for shard in self.shards}
         self._shard_of = {key: shard["path"] for shard in self.shards for key in shard.get("keys", [])}
         self.keys = list(self._shard_of)
+        self._last: tuple[str, Volume] | None = None
 
     # random access
     def meta(self, key: str) -> dict:
         return json.loads(self._member(key, ("meta.json",))[1])
 
     def read(self, key: str) -> np.ndarray:
-        return self._volume(key).read()
+        return self.volume(key).read()
 
     def read_crop(self, key: str, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-        return self._volume(key).read_crop(start, size)
+        return self.volume(key).read_crop(start, size)
 
-    def _volume(self, key: str) -> Volume:
+    def volume(self, key: str) -> Volume:
+        """The decoded volume; the last one is kept, so many crops of one volume decode it once."""
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._decode(key))
+        return self._last[1]
+
+    def _decode(self, key: str) -> Volume:
         suffix, data = self._member(key, VOLUME_SUFFIXES)
         try:
             return volume_from_meta(decode_payload(suffix, data, self.codec), self.meta(key))
