@@ -40,5 +40,8 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path, phantom_files, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     bad_spacing = ["--spacing", "0", "1", "1"]
     assert main(["pack", str(phantom_files[0]), "--out", str(tmp_path / "o"), *bad_spacing]) == 2
+    (tmp_path / "a-file").write_text("")
+    assert main(["pack", str(phantom_files[0]), "--out", str(tmp_path / "a-file")]) == 2
     err = capsys.readouterr().err
-    assert "no manifest.json" in err and "spacing must be" in err and "Traceback" not in err
+    assert "no manifest.json" in err and "spacing must be" in err and "cannot create the output" in err
+    assert "Traceback" not in err

@@ -160,3 +160,12 @@ def test_encoding_is_byte_identical_across_runs():
     payloads = {encode_volume(array, "zstd")[1] for _ in range(8)}
     assert len(payloads) == 1  # several Blosc blocks, always laid out in the same order
     np.testing.assert_array_equal(decode_volume("vol.blosc", payloads.pop()), array)
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path, phantom_files):
+    (tmp_path / "in").mkdir()
+    for path in phantom_files[:2]:
+        shutil.copy(path, tmp_path / "in")
+    first = pack([tmp_path / "in"], tmp_path / "in" / "packed", fmt="zarr")
+    second = pack([tmp_path / "in"], tmp_path / "in" / "packed", fmt="zarr")
+    assert (first["ok"], second["ok"], second["skipped"], second["failed"]) == (2, 0, 2, 0)

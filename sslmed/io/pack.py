@@ -42,7 +42,10 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
     Returns a summary: {"ok", "skipped", "failed", "samples", "voxels", "bytes", "out", "format"}."""
     _check_options(fmt, modality, dtype, shard_size, workers, on_error, codec, chunk, spacing)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the output directory {out} ({exc.strerror or exc})") from exc
     settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
                 "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
                 "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}

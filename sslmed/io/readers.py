@@ -309,9 +309,11 @@ def _rescaled(dataset) -> np.ndarray:
 # --- discovery -----------------------------------------------------------------------------------
 
 def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders into inputs, searched recursively for supported files; a folder holding DICOM slices
-    is itself one input (a series), and a .dcm file stands for its folder. Other paths given explicitly
-    are kept as they are (even if missing or unsupported) so they are reported, not silently dropped."""
+    """Expand folders into inputs, searched recursively for supported files.
+
+    A folder holding DICOM slices is itself one input (a series) and a .dcm file stands for its folder;
+    packed datasets (a folder with a manifest.json) are skipped. Other paths given explicitly are kept as
+    they are (even if missing or unsupported) so they are reported, not silently dropped."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -326,6 +328,8 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _expand(folder: Path) -> list[Path]:
+    if (folder / "manifest.json").is_file():
+        return []  # a packed dataset (e.g. --out inside the input folder) is output, not input
     inputs: list[Path] = [folder] if dicom_files(folder) else []
     for child in sorted(folder.iterdir()):
         if child.is_dir():
