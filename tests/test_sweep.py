@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from sslmed.config import load_config
-from sslmed.eval.sweep import PRETRAIN_LOG, sweep
+from sslmed.eval.sweep import PRETRAIN_LOG, absolute_paths, run_pretraining, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -67,32 +67,33 @@ def pretrain_log(out: Path) -> list[dict]:
 
 def test_sweep_pretrains_once_per_ratio_and_records_failures(tmp_path, packed, ray_session, capsys):
     out = tmp_path / "sweep"
-    # A duplicated ratio must not pretrain twice: 2 ratios × 2 fractions × 1 seed = 4 trials.
-    cfg = sweep_config(packed, out, "sweep.mask_ratios=[0.5,0.75,0.5]", "eval.label_fractions=[0.5,1.0]",
-                       "sweep.include_random=false")
+    # 0.5 twice must not pretrain twice; 1.0 is an invalid mask ratio: its trials fail, the sweep goes on.
+    cfg = sweep_config(packed, out, "sweep.mask_ratios=[0.5,0.75,0.5,1.0]", "eval.label_fractions=[0.5,1.0]",
+                       "sweep.include_random=true")
     assert sweep(cfg) == out.resolve()
-    results = pd.read_csv(out / "results.csv")
-    assert len(results) == 4 and (results["status"] == "ok").all(), results.to_string()
-    assert sorted(zip(results["mask_ratio"], results["label_fraction"], strict=True)) == [
-        (0.5, 0.5), (0.5, 1.0), (0.75, 0.5), (0.75, 1.0)]
-    assert (results["balanced_accuracy"] > 0.5).all()
-    assert sorted(e["mask_ratio"] for e in pretrain_log(out)) == [0.5, 0.75]
+    results = pd.read_csv(out / "results.csv").set_index("trial")
+    assert len(results) == 3 * 2 + 2, results.to_string()  # 3 distinct ratios + random init, × 2 fractions
+    ok = results[results["status"] == "ok"]
+    assert sorted(zip(ok["encoder"], ok["mask_ratio"].fillna(-1), ok["label_fraction"], strict=True)) == [
+        ("pretrained", 0.5, 0.5), ("pretrained", 0.5, 1.0), ("pretrained", 0.75, 0.5),
+        ("pretrained", 0.75, 1.0), ("random", -1, 0.5), ("random", -1, 1.0)]
+    assert (ok["balanced_accuracy"] > 0.5).all() and (ok["n_labelled"] > 0).all()
+    for fraction in (0.5, 1.0):
+        failed = results.loc[f"mask1.0-frac{fraction}-seed0"]
+        assert failed["status"] == "failed" and "mask_ratio" in failed["error"], failed["error"]
+
+    assert sorted(e["mask_ratio"] for e in pretrain_log(out)) == [0.5, 0.75]  # once per distinct ratio
     table = (out / "results.md").read_text()
-    assert "mask ratio 0.5" in table and "mask ratio 0.75" in table and table in capsys.readouterr().out
+    assert table in capsys.readouterr().out
+    for label in ("mask ratio 0.5", "mask ratio 0.75", "random init", "Failed trials"):
+        assert label in table
     for png in ("balanced_accuracy_vs_label_fraction.png", "auroc_vs_label_fraction.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Second sweep into the same folder: 0.75 comes from the cache, 1.0 is an invalid mask ratio whose
-    # trial fails without stopping the sweep, and the random-init baseline runs beside them.
-    cfg = sweep_config(packed, out, "sweep.mask_ratios=[0.75,1.0]", "eval.label_fractions=[1.0]",
-                       "sweep.include_random=true")
-    sweep(cfg)
-    results = pd.read_csv(out / "results.csv").set_index("trial")
-    assert len(results) == 3
-    assert results.loc["mask0.75-frac1.0-seed0", "status"] == "ok"
-    assert results.loc["random-frac1.0-seed0", "status"] == "ok"
-    failed = results.loc["mask1.0-frac1.0-seed0"]
-    assert failed["status"] == "failed" and "mask_ratio" in failed["error"], failed["error"]
-    assert len(pretrain_log(out)) == 2  # nothing pretrained again
-    table = (out / "results.md").read_text()
-    assert "random init" in table and "Failed trials" in table
+    # A re-run finds both encoders in the cache and launches no pretraining trial (nor pretrains).
+    base = absolute_paths(cfg).to_dict()
+    encoders = run_pretraining(cfg, base, [0.75, 0.5], out)
+    assert {r: Path(e["encoder"]).parent.parent for r, e in encoders.items()} == {0.5: out / "pretrain",
+                                                                                  0.75: out / "pretrain"}
+    assert len(pretrain_log(out)) == 2
+    assert len(list((out / "tune").glob("pretrain-*"))) == 1  # the first sweep's pretraining phase only

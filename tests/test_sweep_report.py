@@ -58,3 +58,14 @@ def test_reports_mean_std_over_seeds_and_failed_trials(tmp_path):
     assert frame.loc[frame["status"] == "ok", "auroc"].tolist() == pytest.approx([0.6, 0.8, 0.9, 0.5, 0.7])
     for metric in METRICS:
         assert (tmp_path / f"{metric}_vs_label_fraction.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_refuses_missing_data_before_starting_ray(tmp_path):
+    from sslmed.errors import DataError
+    from sslmed.eval.sweep import sweep
+
+    cfg = load_config("sweep-tiny", [f"data.path={tmp_path / 'nope'}", f"eval.data={tmp_path}",
+                                     f"sweep.out={tmp_path / 'out'}"])
+    with pytest.raises(DataError, match="data.path"):
+        sweep(cfg)
+    assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ import ray
 from ray import tune
 
 from sslmed.config import Config, config_from_dict, set_key
-from sslmed.errors import CheckpointError, SslmedError
+from sslmed.errors import CheckpointError, DataError, SslmedError
 from sslmed.eval.sweep_report import write_reports
 
 OBJECT_STORE_BYTES = 256 * 2**20  # trials exchange only paths and small dicts
@@ -42,6 +42,7 @@ CLUSTER_METRICS = ("nmi", "ari", "cluster_accuracy")
 
 def sweep(cfg: Config, address: str | None = None) -> Path:
     """Run the sweep that `cfg.sweep` and `cfg.eval` describe; returns the output directory."""
+    check_inputs(cfg)
     out = Path(cfg.sweep.out or cfg.run.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = absolute_paths(cfg).to_dict()
@@ -52,6 +53,14 @@ def sweep(cfg: Config, address: str | None = None) -> Path:
     table = write_reports(rows, out, RESULT_METRICS)
     print(table)
     return out
+
+
+def check_inputs(cfg: Config) -> None:
+    """Missing data would fail every trial: say so before starting Ray and pretraining anything."""
+    for dotted, value in (("data.path", cfg.data.path), ("eval.data", cfg.eval.data)):
+        if not value or not Path(value).is_dir():
+            raise DataError(f"{dotted}: '{value}' is not a folder; a sweep pretrains on data.path and "
+                            "evaluates on eval.data")
 
 
 # ---- Ray session -------------------------------------------------------------------------------
@@ -226,6 +235,9 @@ def trial_name(trial: dict) -> str:
 
 def run_evaluation(cfg: Config, base: dict, trials: list[dict], encoders: dict[float, dict],
                    out: Path) -> list[dict]:
+    # Trials whose pretraining failed will raise, and a raising trial takes its worker process down:
+    # run them last so that no later trial pays for a fresh process and its imports.
+    trials = sorted(trials, key=lambda t: t["encoder"] == "pretrained" and "error" in encoders[t["mask_ratio"]])
     results = run_tune(cfg, evaluation_trial, trials, out, "evaluate", reuse_actors=True,
                        base=base, encoders=encoders, trials_dir=str(out / "trials"))
     rows = []
