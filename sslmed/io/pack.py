@@ -49,75 +49,100 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
     settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
                 "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
                 "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
-    manifest = _start_manifest(out, fmt, codec, settings)
+    ledger = Ledger(out, _start_manifest(out, fmt, codec, settings))
     paths = find_inputs(inputs)
     if not paths:
         raise VolumeError(f"no input volumes found in {', '.join(str(p) for p in inputs)}")
-    tag_table = read_tags(tags) if tags else None
-    entries = manifest["shards" if fmt == "wds" else "arrays"]
-    packed = _packed_sources(entries)
-    used_keys = {k for e in entries for k in e.get("keys", [e.get("key")])}
-    counts = {"ok": 0, "skipped": 0, "failed": 0}
-    pending: list[dict] = []  # report lines waiting for their data to be committed
-
-    def commit() -> None:
-        write_json_atomic(out / MANIFEST, _finalise(manifest, entries))
-        with open(out / REPORT, "a") as report:
-            report.writelines(json.dumps(line) + "\n" for line in pending)
-        pending.clear()
-
-    def record(path: Path, status: str, reason: str, key: str) -> None:
-        counts[status] += 1
-        pending.append({"path": str(path), "status": status, "reason": reason, "key": key})
-
-    jobs = []
-    matched_tags: set[tuple[str, str]] = set()
-    for path in paths:
-        source = str(path.resolve())
-        if source in packed:
-            record(path, "skipped", "already packed", packed[source])
-            _tags_for(tag_table, path, packed[source], matched_tags)  # packed before, but not a typo
-        else:
-            key = unique_key(path, used_keys)
-            jobs.append((path, key, _tags_for(tag_table, path, key, matched_tags)))
-    _warn_unmatched_tags(tag_table, matched_tags, tags)
+    jobs = _plan(paths, ledger, read_tags(tags) if tags else None, tags)
     options = {"spacing": spacing, "modality": modality, "dtype": dtype, "foreground_crop": foreground_crop,
                "repair_nonfinite": repair_nonfinite}
+    common = {"codec": codec, "entries": ledger.entries, "on_commit": ledger.commit}
     if fmt == "wds":
-        writer = WdsWriter(out, codec=codec, shard_size=shard_size, entries=entries, on_commit=commit)
+        writer: WdsWriter | ZarrWriter = WdsWriter(out, shard_size=shard_size, **common)
     else:
-        writer = ZarrWriter(out, codec=codec, chunk=chunk, entries=entries, on_commit=commit)
-    from tqdm import tqdm
-
-    progress = tqdm(total=len(paths), initial=counts["skipped"], desc="pack", unit="vol", file=sys.stderr)
-    outcomes = _outcomes([job[0] for job in jobs], options, workers)
-    stopped: VolumeError | None = None
-    try:
-        for (path, key, sample_tags), outcome in zip(jobs, outcomes, strict=False):
-            progress.update(1)
-            if isinstance(outcome, str):
-                record(path, "failed", outcome, key)
-                if on_error == "fail":
-                    stopped = VolumeError(f"{outcome} (stopped: --on-error fail)")
-                    break
-                continue
-            array, meta = outcome
-            meta = {"key": key, **meta, "source": str(path.resolve()), "tags": sample_tags}
-            writer.add(key, meta["source"], array, meta)
-            record(path, "ok", "", key)
-    finally:
-        # on an unexpected error the open shard stays a .tmp file and is never listed: a re-run redoes it
-        outcomes.close()
-        progress.close()
+        writer = ZarrWriter(out, chunk=chunk, **common)
+    stopped = _write_all(jobs, _outcomes([job[0] for job in jobs], options, workers), writer, ledger,
+                         on_error, total=len(paths))
     writer.finish()
-    commit()
+    ledger.commit()
     if stopped is not None:
         raise stopped
+    manifest, counts = ledger.manifest, ledger.counts
     summary = {**counts, "samples": manifest["samples"], "voxels": manifest["voxels"],
                "bytes": manifest["bytes"], "out": str(out), "format": fmt}
     print(f"sslmed pack: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
           f"{summary['samples']} samples, {_human(summary['bytes'])} in {out}")
     return summary
+
+
+class Ledger:
+    """The manifest and report of one output directory: report lines wait until the data they describe
+    is committed, then the manifest is replaced atomically and the lines are appended."""
+
+    def __init__(self, out: Path, manifest: dict) -> None:
+        self.out, self.manifest = out, manifest
+        self.entries: list[dict] = manifest["shards" if manifest["format"] == "wds" else "arrays"]
+        self.counts = {"ok": 0, "skipped": 0, "failed": 0}
+        self.pending: list[dict] = []
+
+    def record(self, path: Path, status: str, reason: str, key: str) -> None:
+        self.counts[status] += 1
+        self.pending.append({"path": str(path), "status": status, "reason": reason, "key": key})
+
+    def commit(self) -> None:
+        write_json_atomic(self.out / MANIFEST, _finalise(self.manifest, self.entries))
+        with open(self.out / REPORT, "a") as report:
+            report.writelines(json.dumps(line) + "\n" for line in self.pending)
+        self.pending.clear()
+
+    def packed_sources(self) -> dict[str, str]:
+        """source path → key of everything the manifest lists as complete."""
+        if self.manifest["format"] == "wds":
+            return {s: k for e in self.entries for s, k in zip(e["sources"], e["keys"], strict=True)}
+        return {e["source"]: e["key"] for e in self.entries}
+
+
+def _plan(paths: list[Path], ledger: Ledger, tag_table: dict | None, tags_path) -> list[tuple]:
+    """(path, key, tags) for each input still to pack; inputs already packed are recorded as skipped."""
+    packed = ledger.packed_sources()
+    used_keys = set(packed.values())
+    jobs, matched_tags = [], set()
+    for path in paths:
+        source = str(path.resolve())
+        if source in packed:
+            ledger.record(path, "skipped", "already packed", packed[source])
+            _tags_for(tag_table, path, packed[source], matched_tags)  # packed before, but not a typo
+        else:
+            key = unique_key(path, used_keys)
+            jobs.append((path, key, _tags_for(tag_table, path, key, matched_tags)))
+    _warn_unmatched_tags(tag_table, matched_tags, tags_path)
+    return jobs
+
+
+def _write_all(jobs: list[tuple], outcomes: Iterator[Outcome], writer: WdsWriter | ZarrWriter, ledger: Ledger,
+               on_error: str, total: int) -> VolumeError | None:
+    """Write each prepared volume in input order. Returns the error to raise when `on_error` is 'fail'
+    and an input failed (after what came before it is committed), else None."""
+    from tqdm import tqdm
+
+    progress = tqdm(total=total, initial=ledger.counts["skipped"], desc="pack", unit="vol", file=sys.stderr)
+    try:
+        for (path, key, sample_tags), outcome in zip(jobs, outcomes, strict=False):
+            progress.update(1)
+            if isinstance(outcome, str):
+                ledger.record(path, "failed", outcome, key)
+                if on_error == "fail":
+                    return VolumeError(f"{outcome} (stopped: --on-error fail)")
+                continue
+            array, meta = outcome
+            meta = {"key": key, **meta, "source": str(path.resolve()), "tags": sample_tags}
+            writer.add(key, meta["source"], array, meta)
+            ledger.record(path, "ok", "", key)
+    finally:
+        # on an unexpected error the open shard stays a .tmp file and is never listed: a re-run redoes it
+        outcomes.close()
+        progress.close()
+    return None
 
 
 def _check_options(fmt, modality, dtype, shard_size, workers, on_error, codec, chunk, spacing) -> None:
@@ -162,13 +187,6 @@ def _finalise(manifest: dict, entries: list[dict]) -> dict:
     manifest["bytes"] = sum(e["bytes"] for e in entries)
     manifest["sslmed_version"] = __version__
     return manifest
-
-
-def _packed_sources(entries: list[dict]) -> dict[str, str]:
-    """source path → key of everything the manifest lists as complete."""
-    if entries and "keys" in entries[0]:
-        return {s: k for e in entries for s, k in zip(e["sources"], e["keys"], strict=True)}
-    return {e["source"]: e["key"] for e in entries}
 
 
 def _outcomes(paths: list[Path], options: dict, workers: int) -> Iterator[Outcome]:
