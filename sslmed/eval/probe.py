@@ -2,7 +2,8 @@
 
 Modes (`eval.mode`):
 
-* `linear` — logistic regression (scikit-learn) on standardised frozen features;
+* `linear` — logistic regression (scikit-learn) on standardised frozen features, classes weighted
+  inversely to their frequency (scarce-label subsets of clinical data are rarely balanced);
 * `knn` — cosine k-nearest-neighbour vote (`eval.knn_k`, weighted by 1/distance) on frozen features;
 * `finetune` — the encoder and a linear head trained end to end (`eval.epochs`, `eval.lr`, `eval.batch_size`);
 * `fusion` — one copy of the encoder per input branch (`eval.branches`), features concatenated, a
@@ -89,7 +90,8 @@ def predict(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.nda
             raise DataError(f"the training split holds a single class ({data.classes[y[0]]}); "
                             "the test split took every sample of the others")
         if cfg.eval.mode == "linear":
-            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced",
+                                                                       random_state=seed))
         else:
             # Distance-weighted votes: with few labels (k close to the subset size) a plain vote ties.
             model = KNeighborsClassifier(n_neighbors=min(cfg.eval.knn_k, len(chosen)), metric="cosine",
