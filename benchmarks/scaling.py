@@ -82,6 +82,7 @@ def mae_parameter_count(size: str = "base", crop: int = 96) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """Runs in a launched process: step `args.steps` times after `args.warmup`, write samples/s."""
+    began = time.perf_counter()
     import torch
     import torch.distributed as dist
 
@@ -95,6 +96,7 @@ def worker(args: argparse.Namespace) -> None:
     batch = synthetic_batch(args.batch, args.crop, torch.device("cpu"), seed=args.seed + rank)
     step = deepspeed_step(method, cfg) if args.engine == "deepspeed" else ddp_step(method, args)
     total = args.warmup + args.steps
+    ready = time.perf_counter()
     for i in range(args.warmup):
         step(batch, i, total)
     dist.barrier()
@@ -103,8 +105,8 @@ def worker(args: argparse.Namespace) -> None:
         step(batch, i, total)
     elapsed = time.perf_counter() - start
     dist.barrier()
-    result = {"rank": rank, "world": world, "seconds": elapsed,
-              "samples_per_s": args.batch * args.steps / elapsed}
+    result = {"rank": rank, "world": world, "seconds": elapsed, "setup_s": ready - began,
+              "warmup_s": start - ready, "samples_per_s": args.batch * args.steps / elapsed}
     Path(args.worker_out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
