@@ -53,6 +53,7 @@ def messy_folder(tmp_path) -> Path:
     holes[2, 3, 4], holes[5, 5, 5] = np.nan, np.inf
     save(folder / "holes.nii.gz", holes)
     (folder / "empty.nii.gz").write_bytes(b"")
+    save(folder / "blank.nii.gz", np.zeros((8, 8, 8)))
     return folder
 
 
@@ -70,12 +71,12 @@ def test_every_input_is_reported_and_good_ones_are_packed(tmp_path, messy_folder
     out = tmp_path / "out"
     summary = pack([messy_folder, messy_folder / "missing.nii"], out, fmt=fmt)
     report = {Path(line["path"]).name: line for line in map(json.loads, (out / "report.jsonl").open())}
-    assert len(report) == 4 + len(BAD) + 1
-    for name, word in {**BAD, "missing.nii": "no such file"}.items():
+    assert len(report) == 4 + len(BAD) + 2
+    for name, word in {**BAD, "missing.nii": "no such file", "blank.nii.gz": "constant intensity"}.items():
         assert report[name]["status"] == "failed" and word in report[name]["reason"], report[name]
     good = sorted(n for n in report if n.startswith("good"))
     assert [report[n]["status"] for n in good] == ["ok"] * 4
-    assert (summary["ok"], summary["failed"], summary["skipped"]) == (4, len(BAD) + 1, 0)
+    assert (summary["ok"], summary["failed"], summary["skipped"]) == (4, len(BAD) + 2, 0)
     manifest = load_manifest(out)
     assert manifest["samples"] == 4 and verify(out) == []
 

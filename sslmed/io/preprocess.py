@@ -51,6 +51,9 @@ def preprocess(volume: Volume, *, spacing: tuple[float, float, float] | None = N
 
     if dtype not in DTYPES:
         raise VolumeError(f"unknown dtype '{dtype}' (expected one of {', '.join(DTYPES)})")
+    low, high = float(volume.array.min()), float(volume.array.max())
+    if low == high:
+        raise VolumeError(f"constant intensity ({low:g}) everywhere: no image content")
     resolved, source = resolve_modality(volume, modality)
     image = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None],
                        affine=torch.as_tensor(volume.affine, dtype=torch.float64))
