@@ -87,11 +87,16 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
             assert torch.equal(x[name], y[name]), name
 
 
-@pytest.mark.parametrize("fmt, workers, stop", [("wds", 0, 7), ("zarr", 0, 4), ("wds", 2, 5)])
-def test_resume_continues_at_exactly_the_same_sample(packed, fmt, workers, stop):
+@pytest.mark.parametrize("fmt, workers, stop, wanted", [
+    ("wds", 0, 11, {}),  # resumes in epoch 1 (22 crops, 15 per epoch): starts from the epoch bookmark
+    ("zarr", 0, 4, {}),
+    ("wds", 0, 6, {"status": "normal"}),  # filtered: volumes are passed by reading metadata only
+    ("wds", 2, 5, {}),  # two workers: the restarted DataLoader's worker 0 continues stream 1
+])
+def test_resume_continues_at_exactly_the_same_sample(packed, fmt, workers, stop, wanted):
     # 3 crops per volume, blocks of 5, batches of 2: stopping points fall mid-volume and mid-block,
     # and 14 batches (28 crops) from 5 volumes cross epoch boundaries
-    cfg = config(packed[fmt], workers=workers, views=2, neighbour=True, augment=True)
+    cfg = config(packed[fmt], workers=workers, views=2, neighbour=True, augment=True, filter_tags=wanted)
     total = 14
     straight = take(build_loader(cfg, 0, 1), total)
     first = build_loader(cfg, 0, 1)
@@ -103,6 +108,8 @@ def test_resume_continues_at_exactly_the_same_sample(packed, fmt, workers, stop)
     tail = take(resumed, total - stop)
     assert_same(straight, head + tail)
     assert resumed.epoch >= 1
+    if stop == 11:
+        assert state["marks"]["0"][0] == 1, "the bookmark skips whole epochs"
 
 
 def test_resume_refuses_a_different_layout(packed):
