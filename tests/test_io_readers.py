@@ -137,12 +137,14 @@ def test_lps_volume_is_reoriented_like_nibabel_canonical(tmp_path):
 
 
 def test_resampling_to_a_target_spacing(tmp_path):
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    volume = Volume(np.full((21, 17, 13), 200.0, np.float32), (1.0, 1.0, 1.0), affine)
+    ramp = np.broadcast_to(10.0 * np.arange(21, dtype=np.float32)[:, None, None], (21, 17, 13))
+    volume = Volume(np.ascontiguousarray(ramp), (1.0, 1.0, 1.0), np.eye(4))
     array, meta = preprocess(volume, spacing=(2.0, 2.0, 3.0), modality="ct")
     assert array.shape == (11, 9, 5)  # the same extent between first and last voxel centre: 20, 16, 12 mm
     np.testing.assert_allclose(meta["spacing"], (2.0, 2.0, 3.0))
-    np.testing.assert_allclose(to_float(array, meta), 0.6, atol=cast_tolerance("int16"))
+    # a linear ramp survives linear interpolation exactly: new voxel m sits at old voxel 2m
+    expected = np.broadcast_to(window(20.0 * np.arange(11))[:, None, None], array.shape)
+    np.testing.assert_allclose(to_float(array, meta), expected, atol=cast_tolerance("int16") + 1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint8", "float16"])
