@@ -237,7 +237,10 @@ def run_evaluation(cfg: Config, base: dict, trials: list[dict], encoders: dict[f
                    out: Path) -> list[dict]:
     # Trials whose pretraining failed will raise, and a raising trial takes its worker process down:
     # run them last so that no later trial pays for a fresh process and its imports.
-    trials = sorted(trials, key=lambda t: t["encoder"] == "pretrained" and "error" in encoders[t["mask_ratio"]])
+    def will_fail(trial: dict) -> bool:
+        return trial["encoder"] == "pretrained" and "error" in encoders[trial["mask_ratio"]]
+
+    trials = sorted(trials, key=will_fail)  # stable: the grid order is kept otherwise
     results = run_tune(cfg, evaluation_trial, trials, out, "evaluate", reuse_actors=True,
                        base=base, encoders=encoders, trials_dir=str(out / "trials"))
     rows = []
