@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,33 @@ def test_corrupt_shards_are_counted_and_skipped(damaged, packed):
     assert seen == [keys[0], keys[3]]
     assert skips.shards == 2
     assert [s.load().shape for unit in dataset.units[:1] for s in dataset.samples(unit, skips)]
+
+
+def test_undecodable_payload_is_counted_as_a_skipped_sample(packed, tmp_path):
+    out = tmp_path / "scrambled"
+    shutil.copytree(packed["wds"], out)
+    shard = out / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:  # same sizes and headers, compressed bytes scrambled
+        for member, data in members:
+            if member.name.endswith(".vol.blosc"):
+                middle = len(data) // 2
+                data = data[:64] + bytes(reversed(data[64:middle])) + data[middle:]
+            tar.addfile(member, io.BytesIO(data))
+    cfg = Config()
+    cfg.data.path, cfg.data.crop_size, cfg.data.workers = str(out), 16, 0
+    cfg.data.crops_per_volume, cfg.train.micro_batch, cfg.data.augment = 1, 1, False
+    cfg.data.shuffle_buffer = 1
+    loader = build_loader(cfg, 0, 1)
+    keys = {next(loader)["key"][0] for _ in range(4)}  # 4 batches: all of epoch 0 has been read
+    assert keys == set(open_dataset(packed["wds"]).keys[1:])
+    assert loader.skipped["shards"] == 0 and loader.skipped["samples"] in (1, 2)
+    cfg.data.strict = True
+    strict = build_loader(cfg, 0, 1)
+    with pytest.raises(DataError, match="corrupt sample .*cannot decode"):
+        for _ in range(4):
+            next(strict)
 
 
 def test_loader_skips_corrupt_shards_unless_strict(damaged):

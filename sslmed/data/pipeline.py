@@ -65,7 +65,7 @@ def stream_batches(dataset: PackedDataset, cfg: Config, rank: int, world: int, w
     skips, marks = SkipCounter(strict=data.strict), []
     stream_id = (rank, worker)
     volumes = volume_stream(dataset, cfg, rank, world, worker, workers, start, here.volume, skips, marks)
-    crops = Cropper(data, cfg.train.seed, stream_id)(volumes, skip_first=here.crops_into_volume)
+    crops = Cropper(data, cfg.train.seed, stream_id, skips)(volumes, skip_first=here.crops_into_volume)
     shuffled = block_shuffle(crops, block, cfg.train.seed, stream_id, here.block, here.into_block)
     for produced, batch in enumerate(batches(shuffled, batch_size), start=done + 1):
         next_volume = shards.position(produced, batch_size, data.crops_per_volume, block).volume

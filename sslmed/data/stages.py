@@ -23,7 +23,7 @@ from monai.transforms import (
 )
 
 from sslmed.config import DataConfig
-from sslmed.data.sources import Sample, Volume
+from sslmed.data.sources import Sample, SkipCounter, Volume
 
 FOREGROUND_LEVEL = 0.1  # normalised intensity above which a voxel counts as foreground
 FOREGROUND_POINTS = 4096  # candidate centres kept per volume; enough for a uniform pick
@@ -79,8 +79,8 @@ def foreground_points(volume: Volume, rng: np.random.Generator) -> np.ndarray:
 class Cropper:
     """Cuts `crops_per_volume` crops (plus second view / neighbour) from each volume and augments them."""
 
-    def __init__(self, cfg: DataConfig, seed: int, stream: tuple[int, int]):
-        self.cfg, self.seed, self.stream = cfg, seed, stream
+    def __init__(self, cfg: DataConfig, seed: int, stream: tuple[int, int], skips: SkipCounter):
+        self.cfg, self.seed, self.stream, self.skips = cfg, seed, stream, skips
         self.augment = augmentation() if cfg.augment else None
         self.view_shift = max(1, cfg.crop_size // 8)
 
@@ -94,7 +94,11 @@ class Cropper:
     def crops(self, item: Streamed) -> Iterator[dict]:
         cfg, size = self.cfg, self.cfg.crop_size
         rng = np.random.default_rng([self.seed, *self.stream, item.index])
-        volume = item.sample.load()
+        try:
+            volume = item.sample.load()
+        except (ValueError, RuntimeError, OSError) as exc:  # passed the header checks, fails to decompress
+            self.skips.sample(item.sample.key, f"cannot decode: {exc}")
+            return
         shape = volume.shape
         fg_rng = np.random.default_rng([self.seed, *self.stream, item.index, 2])
         foreground = functools.cache(lambda: foreground_points(volume, fg_rng))
