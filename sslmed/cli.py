@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sslmed: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sslmed inspect DIR | head`: the reader left, nothing is wrong
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":
