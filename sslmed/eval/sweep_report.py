@@ -82,6 +82,9 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
                       yerr=[s["std"] for _, s in points], marker="o", capsize=3, label=label,
                       linestyle="--" if label == RANDOM_INIT else "-")
     axes.set_xscale("log")
+    fractions = sorted({r["label_fraction"] for r in rows})
+    axes.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
+    axes.minorticks_off()
     axes.set_xlabel("label fraction")
     axes.set_ylabel(metric)
     axes.set_title(f"{metric} vs label fraction")
