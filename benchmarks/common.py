@@ -10,12 +10,26 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name;
+# the first matching substring wins, so specific names come before general ones.
+GPU_BF16_PEAK_TFLOPS = [
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("H800", 989.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0),
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -143,3 +157,39 @@ def summary_line(values: dict[str, Any]) -> str:
 def parse_summary(line: str) -> dict[str, str]:
     """The inverse of `summary_line` (values stay strings)."""
     return dict(part.split("=", 1) for part in line.split())
+
+
+# ---- peak FLOP/s --------------------------------------------------------------------------------------
+
+
+def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): the datasheet table on GPU, a matmul measured on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_BF16_PEAK_TFLOPS:
+            if key in name:
+                return tflops * 1e12, f"datasheet dense bf16 ({key})"
+        return float("nan"), f"unknown GPU '{name}': no peak in the table"
+    return measured_matmul_peak(dtype), f"measured {dtype_name(dtype)} matmul on CPU"
+
+
+def measured_matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """Best FLOP/s of an n×n×n matmul in `dtype` on this CPU: the attainable peak, not a datasheet one."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    import torch
+
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

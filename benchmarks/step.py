@@ -13,7 +13,6 @@ model FLOPs (recomputation is not credited).
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import sys
 import time
@@ -30,14 +29,6 @@ import common  # noqa: E402
 
 from sslmed.errors import SslmedError  # noqa: E402
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name;
-# the first matching substring wins, so specific names come before general ones.
-GPU_BF16_PEAK_TFLOPS = [
-    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-    ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("H800", 989.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0),
-]
 TWINNED = ("mae",)  # methods that MONAI's MaskedAutoEncoderViT computes as well
 # What each method's constructor insists on (architecture, views, neighbours, stages); the rest is the
 # Config defaults. The residual method's timed steps are its stage 2 (stage 1 lasts one step).
@@ -57,36 +48,6 @@ class Case:
     crop: int
     checkpointing: bool
     impl: str = "sslmed"  # or "monai"
-
-
-# ---- peaks --------------------------------------------------------------------------------------
-
-
-def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from): the datasheet table on GPU, a matmul measured on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_BF16_PEAK_TFLOPS:
-            if key in name:
-                return tflops * 1e12, f"datasheet dense bf16 ({key})"
-        return float("nan"), f"unknown GPU '{name}': no peak in the table"
-    return measured_matmul_peak(dtype), f"measured {dtype_name(dtype)} matmul on CPU"
-
-
-def measured_matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """Best FLOP/s of an n×n×n matmul in `dtype` on this CPU: the attainable peak, not a datasheet one."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 # ---- what is stepped ----------------------------------------------------------------------------
@@ -393,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    peak, peak_source = device_peak(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak, peak_source = common.device_peak(device, dtype)
     print(f"device: {common.device_name(args.device)}; peak {peak / 1e12:.3g} TFLOP/s ({peak_source}); "
           f"precision {args.precision}; batch {args.batch}; {args.warmup} warmup + {args.steps} timed steps; "
           f"{torch.get_num_threads()} thread(s); load average {common.load_average():.1f}")
