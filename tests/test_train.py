@@ -80,6 +80,9 @@ def test_user_errors_are_one_line_messages(packed_wds, tmp_path, capsys):
     assert main(["pretrain", "mae-tiny", *overrides(packed_wds, run, "train.steps=2", "model.dim=24")]) == 2
     err = capsys.readouterr().err
     assert "different model configuration" in err and "model.dim: 48 → 24" in err
+    other_stage = overrides(packed_wds, run, "train.steps=2", "train.zero_stage=2")
+    assert main(["pretrain", "mae-tiny", *other_stage]) == 2
+    assert "resume with train.zero_stage=0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

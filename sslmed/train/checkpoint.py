@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sslmed import __version__
 from sslmed.config import Config, config_from_dict, save_config
 from sslmed.errors import CheckpointError, ConfigError, SslmedError
 
@@ -92,8 +93,13 @@ def find_resume(cfg: Config, run_dir: Path) -> Checkpoint | None:
     return read_checkpoint(path)
 
 
-def check_compatible(ckpt: Checkpoint, cfg: Config) -> None:
-    """The model and method must match for the weights to load; schedules and sizes may change."""
+def check_compatible(ckpt: Checkpoint, cfg: Config, zero_stage: int) -> None:
+    """The model, method and ZeRO stage must match for the state to load; the number of ranks, the
+    schedule's length and the data may change."""
+    if ckpt.zero_stage != zero_stage:
+        raise CheckpointError(f"checkpoint {ckpt.path} was saved with ZeRO stage {ckpt.zero_stage}, this run "
+                              f"uses stage {zero_stage}: resume with train.zero_stage={ckpt.zero_stage} "
+                              "(the number of ranks may change)")
     saved = load_saved_config(ckpt.path)
     for section in ("model", "method"):
         if getattr(saved, section) != getattr(cfg, section):
@@ -199,8 +205,9 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def needs_universal(ckpt: Checkpoint, world: int) -> bool:
-    """Partitioned (ZeRO >= 1) optimizer state saved by another number of ranks must be re-sliced."""
-    return ckpt.world != world and ckpt.zero_stage >= 1
+    """Partitioned (ZeRO >= 1) state saved by another number of ranks must be re-sliced; ZeRO-0 state
+    is whole on every rank and loads as it is."""
+    return ckpt.zero_stage >= 1 and ckpt.world != world
 
 
 def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
@@ -251,8 +258,9 @@ def export_encoder(module: nn.Module, path: str | Path, meta: dict[str, Any]) ->
 
 def encoder_meta(cfg: Config) -> dict[str, Any]:
     """What a user of the encoder must reproduce at inference: crop, axis order, spacing, intensity."""
-    meta: dict[str, Any] = {"crop_size": cfg.data.crop_size, "patch_size": cfg.model.patch_size,
-                            "axis_order": "XYZ (RAS+)", "input": "(B, 1, X, Y, Z) float32",
+    meta: dict[str, Any] = {"sslmed_version": __version__, "crop_size": cfg.data.crop_size,
+                            "patch_size": cfg.model.patch_size, "axis_order": "XYZ (RAS+)",
+                            "input": "(B, 1, X, Y, Z) float32",
                             "method": cfg.method.name, "steps": cfg.train.steps,
                             "config_digest": cfg.digest()}
     manifest = Path(cfg.data.path) / "manifest.json"

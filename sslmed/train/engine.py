@@ -159,6 +159,11 @@ def build_ds_config(cfg: Config, world: int, universal: bool = False) -> dict:
     return generated
 
 
+def zero_stage(cfg: Config, world: int) -> int:
+    """The ZeRO stage a run uses: train.zero_stage unless the user's ds_config sets another."""
+    return int(build_ds_config(cfg, world)["zero_optimization"].get("stage", 0))
+
+
 # ---- optimizer and schedule ---------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: Load
     run_dir = Path(cfg.run.dir)
     resume = eng.broadcast_object(ckpt.find_resume(cfg, run_dir) if info.rank == 0 else None)
     if resume is not None:
-        ckpt.check_compatible(resume, cfg)
+        ckpt.check_compatible(resume, cfg, eng.zero_stage(cfg, info.world))
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
