@@ -32,6 +32,8 @@ def pretrain(cfg: Config) -> Path:
 
 
 def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: LoaderFactory) -> Path:
+    """`pretrain` with the method and loader factories passed in (any nn.Module / loader that follow
+    docs/architecture.md)."""
     info = eng.init_distributed()
     run_dir = Path(cfg.run.dir)
     resume = eng.broadcast_object(ckpt.find_resume(cfg, run_dir) if info.rank == 0 else None)
@@ -52,6 +54,8 @@ def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: Load
         step, rng = resume.step, ckpt.restore(engine, resume, loader)
         if info.rank == 0:
             tqdm.write(f"resumed from {resume.path} at step {step}")
+    # Starting the stream draws from the global RNG (a DataLoader takes its base seed there), as it did
+    # once before the checkpoint was taken: restore the saved state after that draw, not before.
     batches = first_batch_checked(iter(loader), cfg)
     if rng is not None:
         ckpt.set_rng_state(rng)
