@@ -19,6 +19,7 @@ from sslmed.data import sources
 from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import SkipCounter, open_dataset
 from sslmed.errors import DataError
+from sslmed.io import format as layout
 from sslmed.io.pack import pack
 from sslmed.io.synthetic import write_phantoms
 
@@ -103,12 +104,14 @@ def test_zarr_crop_reads_only_the_chunks_it_touches(packed, monkeypatch, start, 
     assert all(r[1] is not None for r in CountingStore.reads), "no whole-shard read"
 
 
-def test_missing_directory_manifest_or_samples_raise_data_error(tmp_path):
+def test_missing_directory_manifest_or_samples_raise_data_error(tmp_path, phantoms):
     with pytest.raises(DataError, match="no such directory"):
         open_dataset(tmp_path / "nowhere")
     with pytest.raises(DataError, match="no manifest.json"):
         open_dataset(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "wds", "shards": []}))
+    pack(phantoms[:1], tmp_path / "one", fmt="wds")
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "samples": 0}))
     with pytest.raises(DataError, match="no samples"):
         open_dataset(tmp_path)
     cfg = Config()
@@ -177,3 +180,24 @@ def test_loader_skips_corrupt_shards_unless_strict(damaged):
     with pytest.raises(DataError, match="corrupt shard .*shard-00000[12].tar"):
         for _ in range(4):
             next(strict)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "npy"])
+def test_tar_spans_hold_the_member_bytes_tarfile_reads(packed, fmt):
+    shard = packed[fmt] / "shard-000000.tar"
+    with tarfile.open(shard) as tar:  # independent reference: the standard library's own extraction
+        expected = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    found = {f"{key}.{ext}": span for key, spans in layout.tar_samples(shard) for ext, span in spans.items()}
+    assert set(found) == set(expected)
+    for name, span in found.items():
+        assert layout.read_span(shard, span).tobytes() == expected[name]
+        assert layout.map_span(shard, span).tobytes() == expected[name]
+
+
+def test_tar_spans_past_the_end_of_a_truncated_shard_raise(packed, tmp_path):
+    shard = tmp_path / "cut.tar"
+    shard.write_bytes((packed["npy"] / "shard-000000.tar").read_bytes()[:5000])
+    with pytest.raises(tarfile.TarError):
+        list(layout.tar_samples(shard))
+    with pytest.raises(OSError, match="truncated"):
+        layout.map_span(shard, (4096, 2000))

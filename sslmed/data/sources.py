@@ -10,23 +10,26 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numcodecs
 import numpy as np
-import webdataset as wds
 import zarr
 import zarr.storage
+from numcodecs import blosc
 
 from sslmed.errors import DataError
+from sslmed.io.format import Span, map_span, read_span, tar_samples
+from sslmed.io.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = ("vol.npy", "vol.blosc")
 BLOSC_HEADER_BYTES = 16
+NPY_HEADER_LIMIT = 65536 + 10  # magic, version, length and the largest version-1 header dict
 
 
 @dataclass
@@ -45,16 +48,19 @@ class Volume:
         return self.normalise(np.asarray(self.array[...]))
 
     def read_crop(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-        """The crop [start, start + size), zero outside the volume; slices only the overlap."""
-        out = np.zeros(tuple(int(s) for s in size), dtype=np.float32)
+        """The crop [start, start + size), zero outside the volume; reads and converts only the overlap."""
         src, dst = [], []
         for lo, n, dim in zip(start, size, self.shape, strict=True):
             a, b = max(int(lo), 0), min(int(lo) + int(n), dim)
-            if a >= b:
-                return out
             src.append(slice(a, b))
-            dst.append(slice(a - int(lo), b - int(lo)))
-        out[tuple(dst)] = self.normalise(np.asarray(self.array[tuple(src)]))
+            dst.append(slice(a - int(lo), max(b, a) - int(lo)))
+        inside = all(s.stop - s.start == int(n) for s, n in zip(src, size, strict=True))
+        out = (np.empty if inside else np.zeros)(tuple(int(s) for s in size), dtype=np.float32)
+        region = out[tuple(dst)]
+        if region.size:
+            # two passes over the crop, no temporaries: int16 → float32 × scale, then + offset in place
+            np.multiply(self.array[tuple(src)], np.float32(self.scale), out=region, dtype=np.float32)
+            region += np.float32(self.offset)
         return out
 
     def normalise(self, stored: np.ndarray) -> np.ndarray:
@@ -93,22 +99,6 @@ class SkipCounter:
         return {"shards": self.shards, "samples": self.samples}
 
 
-def load_manifest(path: str | Path) -> dict:
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"packed dataset {root}: no such directory")
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"packed dataset {root}: no manifest.json (not packed, or packing did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if manifest.get("format") not in ("wds", "zarr"):
-        raise DataError(f"{manifest_path}: unknown format {manifest.get('format')!r} (expected wds or zarr)")
-    return manifest
-
-
 class PackedDataset(Protocol):
     """What `open_dataset` returns, for either format (docs/architecture.md)."""
 
@@ -134,10 +124,12 @@ def open_dataset(path: str | Path) -> PackedDataset:
 
 # ---- payload decoding ----------------------------------------------------------------------------
 
+Buffer = bytes | np.ndarray  # a payload: bytes, or the uint8 array `read_span` fills
 
-def npy_layout(data: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+
+def npy_layout(data: Buffer) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """(shape, dtype, fortran_order, header bytes) of `.npy` bytes, read from the header alone."""
-    stream = io.BytesIO(data)  # shares the bytes (copy-on-write): nothing is copied here
+    stream = io.BytesIO(memoryview(data)[:NPY_HEADER_LIMIT])  # copies the header only
     version = np.lib.format.read_magic(stream)
     npy = np.lib.format
     read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
@@ -147,23 +139,25 @@ def npy_layout(data: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     return shape, dtype, fortran, stream.tell()
 
 
-def check_payload(suffix: str, data: bytes) -> None:
-    """Cheap structural check (headers and lengths, no decompression) so truncation is caught early."""
+def check_payload(suffix: str, head: Buffer, length: int) -> None:
+    """Cheap structural check of a payload of `length` bytes from its first bytes `head` (headers and
+    lengths, no decompression), so truncation is caught before anything is decoded."""
+    head = memoryview(head)
     if suffix == "vol.blosc":
-        cbytes = int.from_bytes(data[12:16], "little") if len(data) >= BLOSC_HEADER_BYTES else -1
-        if cbytes != len(data):
-            raise ValueError(f"blosc buffer of {len(data)} bytes, header says {cbytes}")
+        cbytes = int.from_bytes(head[12:16], "little") if len(head) >= BLOSC_HEADER_BYTES else -1
+        if cbytes != length:
+            raise ValueError(f"blosc buffer of {length} bytes, header says {cbytes}")
         return
-    shape, dtype, _, header = npy_layout(data)
+    shape, dtype, _, header = npy_layout(head)
     expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(f".npy payload of {len(data)} bytes, header implies {expected}")
+    if length != expected:
+        raise ValueError(f".npy payload of {length} bytes, header implies {expected}")
 
 
-def decode_payload(suffix: str, data: bytes, codec: str) -> np.ndarray:
-    """The stored array, as a read-only view of the (decompressed) `.npy` bytes: no extra copy."""
+def decode_payload(suffix: str, data: Buffer) -> np.ndarray:
+    """The stored array, as a view of the (decompressed) `.npy` bytes: no extra copy."""
     if suffix == "vol.blosc":
-        data = numcodecs.Blosc(cname=codec).decode(data)  # the cname is in the blosc header; any decodes
+        data = blosc.decompress(data)  # the codec is named in the blosc header
     shape, dtype, fortran, header = npy_layout(data)
     count = int(np.prod(shape))
     if len(data) < header + count * dtype.itemsize:
@@ -184,17 +178,23 @@ def volume_from_meta(array: Any, meta: dict) -> Volume:
 class TarDataset:
     def __init__(self, root: Path, manifest: dict):
         self.root, self.manifest = root, manifest
-        self.codec = manifest.get("codec", "none")
         self.shards = manifest.get("shards", [])
         self.units = [shard["path"] for shard in self.shards]
         self._entry = {shard["path"]: shard for shard in self.shards}
         self._shard_of = {key: shard["path"] for shard in self.shards for key in shard.get("keys", [])}
         self.keys = list(self._shard_of)
+        self._spans: dict[str, dict[str, dict[str, Span]]] = {}  # shard → key → member spans
         self._last: tuple[str, Volume] | None = None
 
     # random access
     def meta(self, key: str) -> dict:
-        return json.loads(self._member(key, ("meta.json",))[1])
+        path, spans = self._sample_spans(key)
+        try:
+            return json.loads(read_span(path, spans["meta.json"]).tobytes())
+        except KeyError:
+            raise DataError(f"{path}: sample {key} has no meta.json member") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: sample {key}: unreadable metadata ({exc})") from None
 
     def read(self, key: str) -> np.ndarray:
         return self.volume(key).read()
@@ -209,27 +209,30 @@ class TarDataset:
         return self._last[1]
 
     def _decode(self, key: str) -> Volume:
-        suffix, data = self._member(key, VOLUME_SUFFIXES)
+        path, spans = self._sample_spans(key)
+        suffix = next((s for s in VOLUME_SUFFIXES if s in spans), None)
+        if suffix is None:
+            raise DataError(f"{path}: sample {key} has no {' or '.join(VOLUME_SUFFIXES)} member")
+        meta = self.meta(key)
         try:
-            return volume_from_meta(decode_payload(suffix, data, self.codec), self.meta(key))
-        except ValueError as exc:
-            raise DataError(f"{self.root}: sample {key}: cannot decode ({exc})") from None
+            return volume_from_meta(decode_payload(suffix, map_span(path, spans[suffix])), meta)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise DataError(f"{path}: sample {key}: cannot decode ({exc})") from None
 
-    def _member(self, key: str, suffixes: Sequence[str]) -> tuple[str, bytes]:
-        import tarfile
-
+    def _sample_spans(self, key: str) -> tuple[Path, dict[str, Span]]:
+        """The shard holding `key` and its members' spans; each shard's headers are read once."""
         if key not in self._shard_of:
             raise DataError(f"{self.root}: no sample with key {key!r}")
-        path = self.root / self._shard_of[key]
-        try:
-            with tarfile.open(path) as tar:
-                names = set(tar.getnames())
-                for suffix in suffixes:
-                    if f"{key}.{suffix}" in names:
-                        return suffix, tar.extractfile(f"{key}.{suffix}").read()
-        except (OSError, tarfile.TarError) as exc:
-            raise DataError(f"{path}: unreadable shard ({exc})") from None
-        raise DataError(f"{path}: sample {key} has no {' or '.join(suffixes)} member")
+        unit = self._shard_of[key]
+        path = self.root / unit
+        if unit not in self._spans:
+            try:
+                self._spans[unit] = dict(tar_samples(path))
+            except (OSError, tarfile.TarError) as exc:
+                raise DataError(f"{path}: unreadable shard ({exc})") from None
+        if key not in self._spans[unit]:
+            raise DataError(f"{path}: no sample {key} in the shard")
+        return path, self._spans[unit][key]
 
     # streaming
     def unit_size(self, unit: str) -> int | None:
@@ -240,34 +243,33 @@ class TarDataset:
         return int(entry["samples"]) if intact and "samples" in entry else None
 
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]:
-        errors: list[Exception] = []
-
-        def note_error(exc: Exception) -> bool:  # webdataset handler: remember, keep going with the shard
-            errors.append(exc)
-            if skips.strict:
-                raise DataError(f"corrupt shard {self.root / unit}: {exc} (data.strict=true)") from exc
-            return True
-
-        for raw in wds.tarfile_samples([{"url": str(self.root / unit)}], handler=note_error):
-            sample = self._parse(unit, raw, skips)
-            if sample is not None:
-                yield sample
-        if errors:
-            skips.shard(str(self.root / unit), f"{type(errors[0]).__name__}: {errors[0]}")
-
-    def _parse(self, unit: str, raw: dict, skips: SkipCounter) -> Sample | None:
-        key = raw.get("__key__", "?")
-        suffix = next((s for s in VOLUME_SUFFIXES if s in raw), None)
+        """The shard's samples from its member headers; a payload is read only when a sample is loaded."""
+        path = self.root / unit
         try:
-            if suffix is None or "meta.json" not in raw:
-                raise ValueError(f"incomplete sample (members: {sorted(k for k in raw if '__' not in k)})")
-            meta = json.loads(raw["meta.json"])
-            check_payload(suffix, raw[suffix])
+            for key, spans in tar_samples(path):
+                sample = self._parse(path, key, spans, skips)
+                if sample is not None:
+                    yield sample
+        except (OSError, tarfile.TarError) as exc:
+            skips.shard(str(path), f"{type(exc).__name__}: {exc}")
+
+    def _parse(self, path: Path, key: str, spans: dict[str, Span], skips: SkipCounter) -> Sample | None:
+        suffix = next((s for s in VOLUME_SUFFIXES if s in spans), None)
+        try:
+            if suffix is None or "meta.json" not in spans:
+                raise ValueError(f"incomplete sample (members: {sorted(spans)})")
+            meta = json.loads(read_span(path, spans["meta.json"]).tobytes())
+            offset, length = spans[suffix]
+            check_payload(suffix, read_span(path, (offset, min(length, NPY_HEADER_LIMIT))), length)
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            skips.sample(f"{self.root / unit}:{key}", str(exc))
+            skips.sample(f"{path}:{key}", str(exc))
             return None
-        data, codec = raw[suffix], self.codec
-        return Sample(key, meta, lambda: volume_from_meta(decode_payload(suffix, data, codec), meta))
+        span = spans[suffix]
+
+        def load() -> Volume:
+            return volume_from_meta(decode_payload(suffix, map_span(path, span)), meta)
+
+        return Sample(key, meta, load)
 
 
 # ---- Zarr v3 store ----------------------------------------------------------------------------------
@@ -284,6 +286,7 @@ class ZarrDataset:
         self.keys = [entry["key"] for entry in manifest.get("arrays", [])]
         self.units = list(self.keys)
         self._group = None
+        self._last: tuple[str, Volume] | None = None
 
     @property
     def group(self) -> zarr.Group:
@@ -304,8 +307,11 @@ class ZarrDataset:
         return dict(self._array(key).attrs.get("sslmed", {}))
 
     def volume(self, key: str) -> Volume:
-        array = self._array(key)
-        return volume_from_meta(array, dict(array.attrs.get("sslmed", {})))
+        """A lazy handle on the array; the last one is kept, so many crops of one volume open it once."""
+        if self._last is None or self._last[0] != key:
+            array = self._array(key)
+            self._last = (key, volume_from_meta(array, dict(array.attrs.get("sslmed", {}))))
+        return self._last[1]
 
     def read(self, key: str) -> np.ndarray:
         return self.volume(key).read()

@@ -29,7 +29,7 @@ def load_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
-        raise DataError(f"{directory}: no such dataset directory")
+        raise DataError(f"packed dataset {directory}: no such directory")
     if not path.is_file():
         raise DataError(f"{directory}: no {MANIFEST} (not a packed dataset, or `sslmed pack` never finished)")
     try:
