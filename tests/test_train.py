@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_support import TinyMethod, ToyLoader, tiny_config
 
 from sslmed.cli import main
@@ -53,7 +54,11 @@ def test_pretrain_writes_metrics_tensorboard_checkpoints_and_encoder(packed_wds,
         for key in ("loss", "loss_recon", "lr", "grad_norm", "samples_per_s", "voxels_per_s", "peak_mem_mb"):
             assert torch.isfinite(torch.tensor(record[key])), key
         assert record["voxels_per_s"] == pytest.approx(record["samples_per_s"] * 16**3)
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert {"loss/loss", "loss/loss_recon", "train/lr", "train/grad_norm", "throughput/samples_per_s",
+            "throughput/voxels_per_s", "train/peak_mem_mb"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3]
     assert (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_2", "step_3"]
     info = json.loads((run / "encoder.json").read_text())
