@@ -175,8 +175,9 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     return measured_matmul_peak(dtype), f"measured {dtype_name(dtype)} matmul on CPU"
 
 
-def measured_matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """Best FLOP/s of an n×n×n matmul in `dtype` on this CPU: the attainable peak, not a datasheet one."""
+def measured_matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
+    """Best FLOP/s of an n×n×n matmul in `dtype` on this CPU: the attainable peak, not a datasheet one.
+    Many short matmuls, best taken: on a shared machine a long one is time-sliced and reads low."""
     import torch
 
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
