@@ -196,7 +196,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     if shipped.exists():
         return shipped
     names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"no config file '{name_or_path}' and no shipped config of that name (shipped: {names})")
+    raise ConfigError(f"no config file '{name_or_path}' and no shipped config of that name "
+                      f"(shipped: {names})")
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -273,7 +274,7 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if origin is tuple:
             if len(items) != len(args):
                 fail()
-            return tuple(coerce(v, a, key, source) for v, a in zip(items, args))
+            return tuple(coerce(v, a, key, source) for v, a in zip(items, args, strict=True))
         return [coerce(v, args[0], key, source) for v in items]
     if origin is dict:
         if not isinstance(value, dict):
