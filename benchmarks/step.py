@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -141,12 +142,14 @@ def set_checkpointing(module: nn.Module, on: bool) -> None:
 
 
 class Recompute(nn.Module):
+    """A block recomputed in backward, as sslmed's blocks are when their `checkpointing` is on."""
+
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+        return checkpoint(self.inner, x, use_reentrant=False)
 
 
 # ---- stepping -----------------------------------------------------------------------------------
