@@ -1,0 +1,50 @@
+"""End to end on real volumes (the MNI152 template from nilearn): pack → pretrain → export → probes,
+then a resumed pretraining run continuing from the demo's last checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from sslmed.config import load_config
+from sslmed.demo import ENCODERS, FRACTIONS, ROI_CLASSES, central_intensity, run_demo, seitzman_rois
+from sslmed.train.loop import pretrain
+
+
+def test_seitzman_table_maps_every_roi_to_a_class():
+    coords, classes = seitzman_rois()
+    assert coords.shape == (300, 3)
+    counts = np.bincount(classes, minlength=len(ROI_CLASSES))
+    assert counts.tolist() == [239, 34, 27]  # cortex (L/R/mid), hippocampus+amygdala+BG+thalamus, cerebellum
+
+
+def test_central_intensity_is_the_mean_of_the_central_27_voxels():
+    crops = np.zeros((1, 8, 8, 8), np.float32)
+    crops[0, 3:6, 3:6, 3:6] = 1.0
+    crops[0, 4, 4, 4] = 28.0  # 26 ones and one 28: mean 2
+    assert central_intensity(crops)[0, 0] == 2.0
+
+
+def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
+    torch.set_num_threads(2)
+    out = tmp_path / "demo"
+    results = run_demo(out, quick=True)
+
+    rows = results["rows"]
+    assert {r["encoder"] for r in rows} == set(ENCODERS)
+    assert {r["label_fraction"] for r in rows} == set(FRACTIONS)
+    assert all(0.0 <= r["balanced_accuracy"] <= 1.0 for r in rows)
+    assert results["n_train_rois"] + results["n_test_rois"] == 300  # split by ROI: each on one side only
+    for name in ("results.md", "results.json", "results.png"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "unlabeled" / "manifest.json").read_text())["samples"] == 3
+    run = out / "pretrain"
+    assert (run / "encoder.safetensors").is_file() and list((run / "tb").iterdir())
+
+    cfg = load_config("demo", [f"run.dir={run}", f"data.path={out / 'unlabeled'}", "train.steps=8",
+                               "train.micro_batch=4", "checkpoint.every=3", "checkpoint.resume=auto"])
+    pretrain(cfg)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [7, 8] and steps.count(7) == 1  # continued after the quick run's 6 steps
