@@ -151,9 +151,10 @@ def test_gathered_nt_xent_equals_single_process_loss_and_gradients() -> None:
     z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     with mp.Manager() as manager:
         out = manager.dict()
-        # fork: the children inherit the imported modules instead of importing them again
+        # spawn, not fork: a forked child would inherit the process group that in-process training
+        # in earlier test modules joined (DeepSpeed keeps it for the life of the process)
         mp.start_processes(_gather_worker, args=(world, free_port(), z1, z2, out), nprocs=world,
-                           join=True, start_method="fork")
+                           join=True, start_method="spawn")
         results = dict(out)
     full1, full2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
     full = nt_xent(full1, full2, 0.3)
