@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--codec", choices=["none", "zstd", "lz4"], default="zstd",
                       help="compression of each array (numcodecs Blosc)")
     pack.add_argument("--foreground-crop", action="store_true", help="crop to the foreground bounding box")
-    pack.add_argument("--repair-nonfinite", action="store_true", help="replace NaN/Inf by 0 instead of refusing")
+    pack.add_argument("--repair-nonfinite", action="store_true",
+                      help="replace NaN/Inf by 0 instead of refusing")
     pack.add_argument("--chunk", type=int, default=64, help="zarr chunk edge in voxels")
 
     for name, text in (("verify", "check every shard/array against the manifest"),

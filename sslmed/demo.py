@@ -91,6 +91,7 @@ FRACTIONS = (0.05, 0.1, 0.25, 1.0)
 SEEDS = (0, 1, 2)
 ENCODERS = ("pretrained", "random-init", "intensity-only")
 CROPS_PER_ROI = 8
+SWEEP_CROPS_PER_ROI = 2  # crops per ROI in the labelled folder for `sslmed sweep sweep-demo`
 JITTER_MM = 4.0
 
 
@@ -121,6 +122,8 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False) -> dict:
     t1_key = next(k for k in dataset.keys if "_t1_" in k)
     rois = roi_crops(dataset, t1_key, cfg.data.crop_size, 2 if quick else CROPS_PER_ROI, JITTER_MM, seed=0)
 
+    write_labelled_folder(rois, out / "rois", per_roi=SWEEP_CROPS_PER_ROI)
+
     say("[4/4] linear probes at label fractions " + ", ".join(f"{f:g}" for f in FRACTIONS))
     features = roi_features(cfg, run_dir / "encoder.safetensors", rois.crops)
     results = probe_all(cfg, rois, features, seeds=SEEDS[:1] if quick else SEEDS)
@@ -130,6 +133,23 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False) -> dict:
     say(f"done in {results['seconds']:.0f} s: {out / 'results.md'}, {out / 'results.png'}, "
         f"TensorBoard logs in {run_dir / 'tb'}")
     return results
+
+
+def write_labelled_folder(rois: RoiSet, folder: Path, per_roi: int) -> None:
+    """The first `per_roi` crops of every ROI as .npy files + labels.csv (path, label, group=ROI): the
+    labelled set `sslmed sweep sweep-demo` evaluates on, so a sweep runs on the same real volumes."""
+    from sslmed.eval.reports import write_text_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines, seen = ["path,label,group"], np.zeros(rois.groups.max() + 1, dtype=int)
+    for index, (crop, label, roi) in enumerate(zip(rois.crops, rois.labels, rois.groups, strict=True)):
+        if seen[roi] == per_roi:
+            continue
+        seen[roi] += 1
+        name = f"roi{roi:03d}-{index}.npy"
+        np.save(folder / name, crop.astype(np.float16))
+        lines.append(f"{name},{ROI_CLASSES[label]},roi{roi:03d}")
+    write_text_atomic(folder / "labels.csv", "\n".join(lines) + "\n")  # last: its presence means complete
 
 
 def say(text: str) -> None:

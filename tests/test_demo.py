@@ -9,7 +9,15 @@ import numpy as np
 import torch
 
 from sslmed.config import load_config
-from sslmed.demo import ENCODERS, FRACTIONS, ROI_CLASSES, central_intensity, run_demo, seitzman_rois
+from sslmed.demo import (
+    ENCODERS,
+    FRACTIONS,
+    ROI_CLASSES,
+    SWEEP_CROPS_PER_ROI,
+    central_intensity,
+    run_demo,
+    seitzman_rois,
+)
 from sslmed.train.loop import pretrain
 
 
@@ -40,6 +48,9 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     for name in ("results.md", "results.json", "results.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "unlabeled" / "manifest.json").read_text())["samples"] == 3
+    labelled = (out / "rois" / "labels.csv").read_text().splitlines()  # the sweep-demo labelled set
+    assert labelled[0] == "path,label,group" and len(labelled) == 1 + 300 * SWEEP_CROPS_PER_ROI
+    assert {line.split(",")[1] for line in labelled[1:]} == set(ROI_CLASSES)
     run = out / "pretrain"
     assert (run / "encoder.safetensors").is_file() and list((run / "tb").iterdir())
 

@@ -137,7 +137,8 @@ class Loader:
         workers = self.cfg.data.workers
         stream = CropStream(self.cfg, self.rank, self.world, workers, self.batches, dict(self.marks))
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                          prefetch_factor=2 if workers else None)
+                          prefetch_factor=2 if workers else None,
+                          worker_init_fn=_single_threaded_decoding if workers else None)
 
     def layout(self) -> dict:
         """What fixes the streams' order; a resumed run must match it to continue at the same sample."""
@@ -181,3 +182,10 @@ def build_loader(cfg: Config, rank: int = 0, world: int = 1) -> Loader:
         raise ConfigError("data.path is empty: set it to a packed dataset directory (sslmed pack --out DIR)")
     open_dataset(data.path)  # fail here, in the main process, on a missing or empty dataset
     return Loader(cfg, rank, world)
+
+
+def _single_threaded_decoding(_worker_id: int) -> None:
+    """Parallelism comes from the workers: blosc's own thread pool in each would oversubscribe the cores."""
+    from numcodecs import blosc
+
+    blosc.use_threads = False
