@@ -18,7 +18,7 @@ from sslmed.models import (
     set_activation_checkpointing,
 )
 from sslmed.models.cnn3d import resize_mask
-from sslmed.models.vit3d import sincos_pos_embed
+from sslmed.models.vit3d import sincos_pos_embed, to_monai_vit
 
 torch.set_num_threads(1)
 
@@ -139,3 +139,8 @@ def test_activation_checkpointing_gives_identical_gradients(make) -> None:
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
     set_activation_checkpointing(model, False)
     assert not any(getattr(m, "checkpointing", False) for m in model.modules())
+
+
+def test_monai_vit_conversion_refuses_widths_monai_cannot_embed():
+    with pytest.raises(ConfigError, match="divisible by 6"):
+        to_monai_vit(ViT3D("tiny", patch_size=4, dim=40, depth=1, heads=4), 8)

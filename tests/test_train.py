@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_support import TinyMethod, ToyLoader, tiny_config
 
+import sslmed
 from sslmed.cli import main
 from sslmed.errors import DataError
+from sslmed.models.vit3d import to_monai_vit
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
 from sslmed.train.loop import run_pretraining
@@ -69,6 +71,13 @@ def test_pretrain_writes_metrics_tensorboard_checkpoints_and_encoder(packed_wds,
     exported = ckpt.export_run(run, tmp_path / "again.safetensors")
     a, b = load_file(str(run / "encoder.safetensors")), load_file(str(exported))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the exported weights in MONAI's ViT: its tokens, averaged, are the encoder's features
+    encoder = sslmed.load_encoder(run / "encoder.safetensors").eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        tokens, _ = to_monai_vit(encoder, 16).eval()(x)
+        assert torch.allclose(tokens.mean(dim=1), encoder(x), atol=1e-5)
 
 
 def test_user_errors_are_one_line_messages(packed_wds, tmp_path, capsys):

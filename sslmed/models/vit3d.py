@@ -168,6 +168,44 @@ class ViTDecoder(nn.Module):
         return self.pred(latent), latent
 
 
+# ViT3D parameter name → monai.networks.nets.ViT parameter name, per block and outside the blocks.
+_MONAI_BLOCK_NAMES = {"norm1": "norm1", "qkv": "attn.qkv", "proj": "attn.out_proj", "norm2": "norm2",
+                      "mlp.0": "mlp.linear1", "mlp.2": "mlp.linear2"}
+_MONAI_NAMES = {"patch_embed": "patch_embedding.patch_embeddings", "transformer.norm": "norm"}
+
+
+def to_monai_vit(encoder: ViT3D, crop_size: int | tuple[int, int, int]) -> nn.Module:
+    """The same weights in `monai.networks.nets.ViT` (conv patches, sin-cos positions, QKV bias) for
+    inputs of `crop_size`: MONAI's ViT returns the token sequence, whose mean over tokens equals
+    `encoder(x)`. MONAI fixes the grid at construction, hence the crop size."""
+    from monai.networks.nets import ViT
+
+    size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
+    if encoder.dim % 6:
+        raise ConfigError(f"MONAI's 3-D sin-cos positions need a width divisible by 6, not {encoder.dim}")
+    grid = encoder.grid(torch.zeros(1, 1, *size))
+    with warnings.catch_warnings():  # MONAI's meshgrid call without `indexing`, as above
+        warnings.simplefilter("ignore", UserWarning)
+        monai_vit = ViT(in_channels=encoder.in_channels, img_size=size, patch_size=encoder.patch_size,
+                        hidden_size=encoder.dim, mlp_dim=int(encoder.dim * encoder.mlp_ratio),
+                        num_layers=encoder.depth, num_heads=encoder.heads, proj_type="conv",
+                        pos_embed_type="sincos", qkv_bias=True, classification=False)
+    state = monai_vit.state_dict()  # keeps MONAI's own unused cross-attention norms
+    for name, value in encoder.state_dict().items():
+        state[_monai_name(name)] = value
+    state["patch_embedding.position_embeddings"] = sincos_pos_embed(grid, encoder.dim)
+    monai_vit.load_state_dict(state, strict=True)
+    return monai_vit
+
+
+def _monai_name(name: str) -> str:
+    module, _, leaf = name.rpartition(".")
+    if module.startswith("transformer.blocks."):
+        index, _, inner = module.removeprefix("transformer.blocks.").partition(".")
+        return f"blocks.{index}.{_MONAI_BLOCK_NAMES[inner]}.{leaf}"
+    return f"{_MONAI_NAMES[module]}.{leaf}"
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
