@@ -30,6 +30,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # a packed directory (manifest.json inside): wds shards or a zarr store
+    shard_url: str = ""  # stream wds shards from this WebDataset URL template ("pipe:... {shard} ...")
     crop_size: int = 96  # cubic crops, voxels per side
     crops_per_volume: int = 4  # crops cut from each decoded volume before moving on
     views: int = 1  # 1 for masked/reconstruction methods, 2 for contrastive methods

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr.storage
 from zarr.abc.store import RangeByteRequest
 
@@ -18,7 +19,7 @@ from sslmed.config import Config
 from sslmed.data import sources
 from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import SkipCounter, open_dataset
-from sslmed.errors import DataError
+from sslmed.errors import ConfigError, DataError
 from sslmed.io import format as layout
 from sslmed.io.pack import pack
 from sslmed.io.synthetic import write_phantoms
@@ -201,3 +202,55 @@ def test_tar_spans_past_the_end_of_a_truncated_shard_raise(packed, tmp_path):
         list(layout.tar_samples(shard))
     with pytest.raises(OSError, match="truncated"):
         layout.map_span(shard, (4096, 2000))
+
+
+# ---- shards streamed from WebDataset URLs -----------------------------------------------------------
+
+
+def manifest_only(packed_dir: Path, out: Path) -> Path:
+    """What a node holds when its shards live in an object store: the manifest alone."""
+    out.mkdir()
+    shutil.copy(packed_dir / "manifest.json", out / "manifest.json")
+    return out
+
+
+def stream_config(path: Path, shard_url: str = "") -> Config:
+    cfg = Config()
+    cfg.data.path, cfg.data.shard_url, cfg.data.crop_size, cfg.data.workers = str(path), shard_url, 8, 0
+    cfg.data.crops_per_volume, cfg.data.shuffle_buffer, cfg.train.micro_batch = 2, 3, 2
+    return cfg
+
+
+@pytest.mark.parametrize("fmt", ["wds", "npy"])  # blosc-compressed and raw .npy payloads
+def test_shards_streamed_from_a_url_give_the_same_batches_and_resume(packed, fmt, tmp_path):
+    url = f"pipe:cat {packed[fmt]}/{{shard}}"
+    remote = stream_config(manifest_only(packed[fmt], tmp_path / "node"), url)
+    local = [next(loader) for loader in [build_loader(stream_config(packed[fmt]), 0, 1)] for _ in range(8)]
+    first = build_loader(remote, 0, 1)
+    head = [next(first) for _ in range(5)]
+    resumed = build_loader(remote, 0, 1)
+    resumed.load_state_dict(first.state_dict())
+    streamed = head + [next(resumed) for _ in range(3)]
+    for a, b in zip(local, streamed, strict=True):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["start"], b["start"])
+    assert first.skipped == resumed.skipped == {"shards": 0, "samples": 0}
+
+
+def test_streamed_shards_that_fail_are_counted_and_skipped(damaged, packed, tmp_path):
+    node = manifest_only(damaged, tmp_path / "node")
+    dataset, skips = open_dataset(node, f"pipe:cat {damaged}/{{shard}}"), SkipCounter()
+    seen = [s.key for unit in dataset.units for s in dataset.samples(unit, skips)]
+    keys = open_dataset(packed["wds"]).keys
+    assert seen == [keys[0], keys[3]] and skips.shards == 2  # truncated and garbage shards
+    unreachable = open_dataset(node, f"pipe:cat {tmp_path}/nowhere/{{shard}}")
+    assert list(unreachable.samples(unreachable.units[0], skips)) == [] and skips.shards == 3
+    with pytest.raises(DataError, match="no random access"):
+        unreachable.meta(keys[0])
+
+
+def test_shard_url_must_name_the_shard_and_the_format_must_be_wds(packed, tmp_path):
+    with pytest.raises(ConfigError, match=r"name the shard as \{shard\}"):
+        build_loader(stream_config(packed["wds"], "pipe:cat shards.tar"), 0, 1)
+    with pytest.raises(DataError, match="streams WebDataset tar shards"):
+        open_dataset(packed["zarr"], "pipe:cat {shard}")

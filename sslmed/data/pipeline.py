@@ -91,7 +91,7 @@ class CropStream(IterableDataset):
         worker = shards.logical_worker(physical, self.consumed, self.workers)
         done = shards.batches_of_worker(self.consumed, worker, self.workers)
         try:
-            dataset = open_dataset(self.cfg.data.path)
+            dataset = open_dataset(self.cfg.data.path, self.cfg.data.shard_url)
             yield from stream_batches(dataset, self.cfg, self.rank, self.world, worker, self.workers,
                                       done, self.marks.get(worker, (0, 0)))
         except SslmedError as exc:  # handed to the main process as data: a clean one-line error there
@@ -174,13 +174,16 @@ def build_loader(cfg: Config, rank: int = 0, world: int = 1) -> Loader:
               (data.workers >= 0, "data.workers must be >= 0"),
               (data.neighbour_shift >= 0, "data.neighbour_shift must be >= 0"),
               (0.0 <= data.foreground_bias <= 1.0, "data.foreground_bias must be in [0, 1]"),
+              (not data.shard_url or "{shard}" in data.shard_url,
+               "data.shard_url must name the shard as {shard}, e.g. "
+               f"pipe:aws s3 cp s3://bucket/ct/{{shard}} - (got {data.shard_url!r})"),
               (0 <= rank < world, f"rank {rank} outside world size {world}")]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     if not data.path:
         raise ConfigError("data.path is empty: set it to a packed dataset directory (sslmed pack --out DIR)")
-    open_dataset(data.path)  # fail here, in the main process, on a missing or empty dataset
+    open_dataset(data.path, data.shard_url)  # fail here, in the main process, on a missing or empty dataset
     return Loader(cfg, rank, world)
 
 

@@ -113,10 +113,18 @@ class PackedDataset(Protocol):
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]: ...
 
 
-def open_dataset(path: str | Path) -> PackedDataset:
-    """Random access (and per-unit streams) over a packed directory of either format."""
+def open_dataset(path: str | Path, shard_url: str = "") -> PackedDataset:
+    """Random access (and per-unit streams) over a packed directory of either format. With `shard_url`
+    (a WebDataset URL template naming `{shard}`) the directory needs only its manifest.json: tar
+    shards are streamed from the URL, and only streaming is offered."""
     manifest = load_manifest(path)
-    dataset = (TarDataset if manifest["format"] == "wds" else ZarrDataset)(Path(path), manifest)
+    if shard_url and manifest["format"] != "wds":
+        raise DataError(f"{path}: data.shard_url streams WebDataset tar shards; a {manifest['format']} "
+                        "store is read in place (mount it where every rank can read it)")
+    if shard_url:
+        dataset = StreamedTarDataset(Path(path), manifest, shard_url)
+    else:
+        dataset = (TarDataset if manifest["format"] == "wds" else ZarrDataset)(Path(path), manifest)
     if not dataset.keys:
         raise DataError(f"packed dataset {path}: manifest lists no samples")
     return dataset
@@ -270,6 +278,58 @@ class TarDataset:
             return volume_from_meta(decode_payload(suffix, map_span(path, span)), meta)
 
         return Sample(key, meta, load)
+
+
+class StreamedTarDataset(TarDataset):
+    """Tar shards read front to back from a WebDataset URL (`pipe:aws s3 cp s3://b/{shard} -`,
+    `https://host/{shard}`, a path) through `webdataset.gopen`, a sample's members in memory at a time.
+    The manifest comes from the local directory; random access needs the shards on a filesystem."""
+
+    def __init__(self, root: Path, manifest: dict, shard_url: str):
+        super().__init__(root, manifest)
+        self.shard_url = shard_url
+
+    def url(self, unit: str) -> str:
+        return self.shard_url.replace("{shard}", unit)
+
+    def unit_size(self, unit: str) -> int | None:
+        entry = self._entry[unit]
+        return int(entry["samples"]) if "samples" in entry else None
+
+    def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]:
+        import webdataset
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        url = self.url(unit)
+        try:
+            with webdataset.gopen(url) as stream:
+                for members in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    sample = self._parse_members(url, members, skips)
+                    if sample is not None:
+                        yield sample
+        except (OSError, EOFError, tarfile.TarError, ValueError) as exc:  # unreachable, truncated, corrupt
+            reason = exc.args[0] if exc.args else exc  # webdataset appends the stream and URL to the args
+            skips.shard(url, f"{type(exc).__name__}: {reason}")
+
+    @staticmethod
+    def _parse_members(url: str, members: dict, skips: SkipCounter) -> Sample | None:
+        key = members["__key__"]
+        suffix = next((s for s in VOLUME_SUFFIXES if s in members), None)
+        try:
+            if suffix is None or "meta.json" not in members:
+                present = sorted(name for name in members if not name.startswith("__"))
+                raise ValueError(f"incomplete sample (members: {present})")
+            meta = json.loads(members["meta.json"])
+            payload = members[suffix]
+            check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload))
+        except ValueError as exc:
+            skips.sample(f"{url}:{key}", str(exc))
+            return None
+        return Sample(key, meta, lambda: volume_from_meta(decode_payload(suffix, payload), meta))
+
+    def _sample_spans(self, key: str) -> tuple[Path, dict[str, Span]]:
+        raise DataError(f"{self.root}: shards streamed from data.shard_url={self.shard_url!r} offer no "
+                        "random access (sample metadata, whole volumes); mount or copy the shards")
 
 
 # ---- Zarr v3 store ----------------------------------------------------------------------------------
