@@ -48,6 +48,29 @@ def test_step_quick(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_loader_small_run_compares_every_source(tmp_path, capsys):
+    argv = ["loader", "--volumes", "2", "--shape", "32", "--crop", "16"]
+    summary = run_quick(argv, tmp_path, capsys)
+    [record] = read_jsonl(tmp_path / "loader.jsonl")
+    sources = record["sources"]
+    assert set(sources) == {"loadimage", "persistent", "sslmed-tar-none", "sslmed-tar-lz4", "sslmed-tar-zstd",
+                            "sslmed-zarr-lz4", "sslmed-zarr-zstd"}
+    assert all(row["crops"] == 2 * 4 for row in sources.values())  # every volume once, 4 crops each
+    rates = {name: row["crops_per_s"] for name, row in sources.items()}
+    best = summary["best"]
+    assert best == max((k for k in rates if k.startswith("sslmed-")), key=rates.get)
+    speedup = rates[best] / rates["persistent"]
+    assert float(summary["speedup_vs_persistent"]) == pytest.approx(speedup, rel=1e-3)
+    assert record["allocator"] == "sslmed"
+
+    from sslmed.cli import main
+
+    assert main(["bench", *argv, "--glibc-default", "--results", str(tmp_path)]) == 0
+    again = read_jsonl(tmp_path / "loader.jsonl")[1]
+    assert again["allocator"] == "glibc-default" and set(again["sources"]) == {"loadimage", "persistent"}
+
+
+@pytest.mark.slow
 def test_scaling_quick(tmp_path, capsys):
     summary = run_quick(["scaling", "--quick", "--steps", "1", "--warmup", "1"], tmp_path, capsys)
     assert float(summary["per_rank_samples_per_s_1"]) > 0 and float(summary["per_rank_samples_per_s_2"]) > 0
