@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
+# Where torch comes from: empty uses the configured indexes (and a local wheel directory if pip has one);
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's Linux wheel is CUDA).
+TORCH_INDEX ?=
 
 .PHONY: venv demo test bench lint clean
 
@@ -13,7 +16,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) torch==2.13.0
+	$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PIP) --no-build-isolation deepspeed==0.19.8
 	$(PIP) -e ".[dev]"
 	touch $@
