@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterator
 from itertools import count
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sslmed.config import Config
@@ -138,8 +139,9 @@ class Loader:
     def _dataloader(self) -> DataLoader:
         workers = self.cfg.data.workers
         stream = CropStream(self.cfg, self.rank, self.world, workers, self.batches, dict(self.marks))
+        # pinned batches let the engine's non_blocking copy to the GPU overlap the step
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                          prefetch_factor=2 if workers else None,
+                          prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available(),
                           worker_init_fn=_single_threaded_decoding if workers else None)
 
     def layout(self) -> dict:
