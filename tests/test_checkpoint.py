@@ -76,6 +76,8 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(two_rank_run):
                  "train.zero_stage=2", "train.precision=bf16"]) == 0
     lines = metrics(run)
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    saved_epoch = ckpt.load_extras(latest, 0)["loader"]["epoch"]
+    assert lines[4]["epoch"] >= saved_epoch + 1  # the one rank's stream begins at the next epoch
     assert lines[4]["lr"] == pytest.approx(cfg.optim.lr * eng.lr_factor(4, load_config(
         "simclr-tiny", [*args, "train.steps=6"])), rel=1e-6)
     assert ckpt.complete_checkpoints(run)[-1].world == 1

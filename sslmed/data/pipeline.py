@@ -168,6 +168,13 @@ class Loader:
         self.batches, self.epoch = int(state["batches"]), int(state["epoch"])
         self.marks = {int(w): (int(m[0]), int(m[1])) for w, m in state["marks"].items()}
 
+    def start_at_epoch(self, epoch: int) -> None:
+        """Every stream from the start of `epoch`: where a position within an epoch cannot carry over
+        (another number of ranks), the run still moves on through the epochs' shuffled orders."""
+        self.close()
+        self.batches, self.epoch = 0, epoch
+        self.marks = {worker: (epoch, 0) for worker in range(max(1, self.cfg.data.workers))}
+
     def close(self) -> None:
         self._iterator = None  # dropping a DataLoader iterator shuts its workers down
 

@@ -213,7 +213,8 @@ def needs_universal(ckpt: Checkpoint, world: int) -> bool:
 def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
     """Load engine state and data position; returns the RNG state to set once the data stream has
     started (starting it draws from the global RNG, as it did before the checkpoint was taken), or
-    None when the world size changed: data position and RNG are per rank and do not carry over."""
+    None when the world size changed: positions within an epoch and RNG states are per rank and do not
+    carry over, so the new ranks' streams begin at the epoch after the saved one."""
     from sslmed.train.engine import barrier, to_universal
 
     rank, world = engine.info.rank, engine.info.world
@@ -232,6 +233,8 @@ def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
     except Exception as exc:  # DeepSpeed raises assorted errors for shape/state mismatches
         raise CheckpointError(f"cannot load checkpoint {ckpt.path}: {type(exc).__name__}: {exc}") from None
     if ckpt.world != world:
+        if loader is not None:
+            loader.start_at_epoch(int(load_extras(ckpt, 0)["loader"]["epoch"]) + 1)
         return None
     extras = load_extras(ckpt, rank)
     loader.load_state_dict(extras["loader"])
