@@ -85,15 +85,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors handed to a collective live: NCCL (like other accelerator backends) takes only
+    device tensors, gloo host tensors."""
+    return torch.device("cpu") if on_cpu() else torch.device(get_accelerator().current_device_name())
+
+
 def all_reduce_max(flag: bool) -> bool:
     """True on every rank if it is true on any (e.g. one rank got SIGTERM)."""
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
 
 def all_reduce_mean(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return (tensor / dist.get_world_size()).tolist()
 
