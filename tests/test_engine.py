@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,26 @@ def test_training_steps_for_every_zero_stage_and_precision(info, tmp_path, stage
     # the EMA teacher (frozen, partitioned under ZeRO-3) moved too: on_step_end saw full parameters
     assert any(not torch.equal(before[k], after[k]) for k in teacher)
     assert engine.global_step == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["zero2-bf16.json", "zero3-bf16-offload.json"])
+def test_shipped_ds_config_templates_train(info, tmp_path, template):
+    path = Path(__file__).resolve().parent.parent / "launch" / template
+    cfg = tiny_config(tmp_path, f"train.ds_config={path}", "optim.lr=0.05")
+    engine = eng.build_engine(cfg, TinyMethod(cfg), info)
+    offloaded = eng.offloads_optimizer(eng.build_ds_config(cfg, 1))
+    assert offloaded == ("offload" in template)
+    assert type(engine.ds.client_optimizer).__name__ == ("DeepSpeedCPUAdam" if offloaded else "AdamW")
+    before = snapshot(engine)
+    batches = iter(ToyLoader(cfg, 0, 1))
+    for _ in range(2):
+        loss, _ = engine(next(batches))
+        engine.backward(loss)
+        engine.step()
+        assert math.isfinite(float(loss.detach()))
+    after = snapshot(engine)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
 
 
 def test_grad_accumulation_steps_the_optimizer_once_per_group(info, tmp_path):

@@ -185,8 +185,15 @@ def lr_factor(step: int, cfg: Config) -> float:
     return lr / o.lr
 
 
-def build_optimizer(module: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and other 1-D parameters (tokens, positions)."""
+def offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def build_optimizer(module: torch.nn.Module, cfg: Config, offloaded: bool = False) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and other 1-D parameters (tokens, positions). When ZeRO
+    offloads the optimizer, its step runs on CPU partitions: DeepSpeed's vectorised CPU Adam in AdamW
+    mode (compiled on first use, prebuilt in docker/Dockerfile), which ZeRO-Offload requires."""
     decay, no_decay = [], []
     for _, param in sorted(module.named_parameters()):
         if param.requires_grad:
@@ -194,6 +201,10 @@ def build_optimizer(module: torch.nn.Module, cfg: Config) -> torch.optim.Optimiz
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if offloaded:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), adamw_mode=True)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
@@ -290,7 +301,7 @@ def build_engine(cfg: Config, method: torch.nn.Module, info: DistInfo, universal
 
         set_activation_checkpointing(method, True)
     ds_config = build_ds_config(cfg, info.world, universal=universal)
-    optimizer = build_optimizer(method, cfg)
+    optimizer = build_optimizer(method, cfg, offloaded=offloads_optimizer(ds_config))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     ds_engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=schedule,
                                               config=ds_config, dist_init_required=False)
