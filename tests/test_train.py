@@ -80,6 +80,21 @@ def test_pretrain_writes_metrics_tensorboard_checkpoints_and_encoder(packed_wds,
         assert torch.allclose(tokens.mean(dim=1), encoder(x), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_losses(packed_wds, tmp_path, monkeypatch):
+    import torch._inductor.config
+
+    # compiled code draws its own random numbers unless told to call torch's: the same masks as eager
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / f"compile-{compiled}"
+        assert main(["pretrain", "mae-tiny", *overrides(packed_wds, run, "train.steps=3",
+                                                        f"train.compile={str(compiled).lower()}")]) == 0
+        losses[compiled] = [r["loss"] for r in metrics(run)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)  # inductor's fusions reorder float sums
+
+
 def test_user_errors_are_one_line_messages(packed_wds, tmp_path, capsys):
     assert main(["pretrain", "mae-tiny", *overrides(tmp_path / "absent", tmp_path / "r1")]) == 2
     assert "absent" in capsys.readouterr().err
