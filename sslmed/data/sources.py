@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -118,10 +118,10 @@ def open_dataset(path: str | Path, shard_url: str = "") -> PackedDataset:
     (a WebDataset URL template naming `{shard}`) the directory needs only its manifest.json: tar
     shards are streamed from the URL, and only streaming is offered."""
     manifest = load_manifest(path)
-    if shard_url and manifest["format"] != "wds":
-        raise DataError(f"{path}: data.shard_url streams WebDataset tar shards; a {manifest['format']} "
-                        "store is read in place (mount it where every rank can read it)")
     if shard_url:
+        if manifest["format"] != "wds":
+            raise DataError(f"{path}: data.shard_url streams WebDataset tar shards; a {manifest['format']} "
+                            "store is read in place (mount it where every rank can read it)")
         dataset = StreamedTarDataset(Path(path), manifest, shard_url)
     else:
         dataset = (TarDataset if manifest["format"] == "wds" else ZarrDataset)(Path(path), manifest)
@@ -160,6 +160,16 @@ def check_payload(suffix: str, head: Buffer, length: int) -> None:
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if length != expected:
         raise ValueError(f".npy payload of {length} bytes, header implies {expected}")
+
+
+def volume_member(members: Iterable[str]) -> str:
+    """The suffix of a tar sample's volume member; ValueError when the sample lacks it or its metadata.
+    (Names starting with "__" are WebDataset's own bookkeeping, not members.)"""
+    names = sorted(name for name in members if not name.startswith("__"))
+    suffix = next((s for s in VOLUME_SUFFIXES if s in names), None)
+    if suffix is None or "meta.json" not in names:
+        raise ValueError(f"incomplete sample (members: {names})")
+    return suffix
 
 
 def decode_payload(suffix: str, data: Buffer) -> np.ndarray:
@@ -262,10 +272,8 @@ class TarDataset:
             skips.shard(str(path), f"{type(exc).__name__}: {exc}")
 
     def _parse(self, path: Path, key: str, spans: dict[str, Span], skips: SkipCounter) -> Sample | None:
-        suffix = next((s for s in VOLUME_SUFFIXES if s in spans), None)
         try:
-            if suffix is None or "meta.json" not in spans:
-                raise ValueError(f"incomplete sample (members: {sorted(spans)})")
+            suffix = volume_member(spans)
             meta = json.loads(read_span(path, spans["meta.json"]).tobytes())
             offset, length = spans[suffix]
             check_payload(suffix, read_span(path, (offset, min(length, NPY_HEADER_LIMIT))), length)
@@ -314,11 +322,8 @@ class StreamedTarDataset(TarDataset):
     @staticmethod
     def _parse_members(url: str, members: dict, skips: SkipCounter) -> Sample | None:
         key = members["__key__"]
-        suffix = next((s for s in VOLUME_SUFFIXES if s in members), None)
         try:
-            if suffix is None or "meta.json" not in members:
-                present = sorted(name for name in members if not name.startswith("__"))
-                raise ValueError(f"incomplete sample (members: {present})")
+            suffix = volume_member(members)
             meta = json.loads(members["meta.json"])
             payload = members[suffix]
             check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload))
