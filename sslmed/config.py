@@ -47,7 +47,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["vit3d", "cnn3d"] = "vit3d"
+    arch: Literal["vit3d", "cnn3d", "resnet3d"] = "vit3d"
     size: Literal["tiny", "small", "base"] = "tiny"
     patch_size: int = 16
     in_channels: int = 1
@@ -113,7 +113,8 @@ class CheckpointConfig:
 class EvalConfig:
     encoder: str = "random"  # exported encoder (.safetensors), "random", or "monai:<network>"
     data: str = ""  # labelled packed dataset (label in tags) or a folder + labels.csv
-    mode: Literal["linear", "knn", "finetune", "fusion"] = "linear"
+    mode: Literal["linear", "knn", "finetune", "fusion", "cluster"] = "linear"
+    positive_label: str = ""  # class whose AUROC/AUPRC is reported; "": the second of two sorted labels
     label_fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0])
     test_fraction: float = 0.3
@@ -123,7 +124,13 @@ class EvalConfig:
     lr: float = 1e-3
     batch_size: int = 32
     knn_k: int = 10
-    clusters: int = 0  # k-means on embeddings; 0: number of classes
+    clusters: int = 0  # k-means on embeddings; 0: number of classes (cluster mode: k by the elbow, 2–20)
+    head: Literal["linear", "mlp"] = "linear"  # finetune/fusion classifier; mlp: features → 256 → classes
+    class_weighted: bool = False  # finetune/fusion: cross-entropy weighted by inverse class frequency
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adamw: wd 0.01, cosine decay; adam: constant eval.lr
+    cv_folds: int = 0  # k ≥ 2: stratified k-fold CV on the training split, each fold scored on the test split
+    fusion_shared: bool = False  # fusion: one encoder (shared weights) for all branches
+    fusion_attention: bool = True  # fusion: cross-branch attention between the branches' token features
 
 
 @dataclass
@@ -173,6 +180,7 @@ class Config:
             (self.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
             (all(0 < f <= 1 for f in self.eval.label_fractions), "eval.label_fractions must be in (0, 1]"),
             (0 < self.eval.test_fraction < 1, "eval.test_fraction must be in (0, 1)"),
+            (self.eval.cv_folds == 0 or self.eval.cv_folds >= 2, "eval.cv_folds must be 0 (off) or >= 2"),
         ]
         if self.model.arch == "vit3d":
             checks.append(

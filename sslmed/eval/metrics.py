@@ -6,8 +6,9 @@ Conventions:
   so a class that a split lacks still has its column;
 * a class with no positive (or no negative) sample in `y_true` has no ROC or PR curve: its per-class
   AUROC/AUPRC is NaN and the macro averages skip it (NaN only when no class is scoreable);
-* binary tasks (K = 2) report `auroc`/`auprc` of the positive class (index 1); multi-class tasks report
-  the one-vs-rest macro mean. Per-class values are always reported.
+* `auroc`/`auprc` are those of the positive class when one is named (`positive`, an index; e.g. the
+  anomalous class), else of class 1 in binary tasks and the one-vs-rest macro mean in multi-class ones.
+  Per-class values are always reported.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from sklearn.metrics import (
     adjusted_rand_score,
     average_precision_score,
     balanced_accuracy_score,
+    davies_bouldin_score,
     f1_score,
     normalized_mutual_info_score,
     roc_auc_score,
+    silhouette_score,
 )
 from sklearn.metrics.cluster import contingency_matrix
 
@@ -47,8 +50,8 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
-                           class_names: list[str] | None = None) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, AUROC and AUPRC (macro and per class) of `probs`."""
+                           class_names: list[str] | None = None, positive: int | None = None) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, AUROC and AUPRC (summary and per class) of `probs`."""
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) != len(y_true):
@@ -61,8 +64,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
         warnings.simplefilter("ignore")
         balanced = balanced_accuracy_score(y_true, y_pred)
         macro_f1 = f1_score(y_true, y_pred, average="macro", zero_division=0)
-    if n_classes == 2:
-        auroc_summary, auprc_summary = float(auroc[1]), float(auprc[1])
+    if positive is None and n_classes == 2:
+        positive = 1
+    if positive is not None:
+        auroc_summary, auprc_summary = float(auroc[positive]), float(auprc[positive])
     else:
         auroc_summary, auprc_summary = _nanmean(auroc), _nanmean(auprc)
     return {
@@ -84,14 +89,23 @@ def cluster_accuracy(y_true: np.ndarray, clusters: np.ndarray) -> float:
     return float(counts[rows, cols].sum() / len(y_true))
 
 
-def clustering_metrics(embeddings: np.ndarray, y_true: np.ndarray, n_clusters: int, seed: int = 0) -> dict:
-    """k-means on `embeddings`, compared with the labels: NMI, ARI and Hungarian cluster accuracy."""
-    embeddings = np.asarray(embeddings, dtype=np.float64)
-    n_clusters = max(1, min(n_clusters, len(embeddings)))
-    clusters = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(embeddings)
+def cluster_scores(embeddings: np.ndarray, y_true: np.ndarray, clusters: np.ndarray) -> dict:
+    """Agreement of `clusters` with the labels (NMI, ARI, Hungarian accuracy) and their geometry in
+    `embeddings` (silhouette, higher is better; Davies–Bouldin, lower is better; NaN when undefined)."""
+    n_found = len(np.unique(clusters))
+    geometric = 1 < n_found < len(embeddings)  # both scores need 2 ≤ clusters < samples
     return {
-        "n_clusters": n_clusters,
         "nmi": float(normalized_mutual_info_score(y_true, clusters)),
         "ari": float(adjusted_rand_score(y_true, clusters)),
         "cluster_accuracy": cluster_accuracy(y_true, clusters),
+        "silhouette": float(silhouette_score(embeddings, clusters)) if geometric else float("nan"),
+        "davies_bouldin": float(davies_bouldin_score(embeddings, clusters)) if geometric else float("nan"),
     }
+
+
+def clustering_metrics(embeddings: np.ndarray, y_true: np.ndarray, n_clusters: int, seed: int = 0) -> dict:
+    """k-means on `embeddings`, compared with the labels (`cluster_scores`)."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    n_clusters = max(1, min(n_clusters, len(embeddings)))
+    clusters = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(embeddings)
+    return {"n_clusters": n_clusters, **cluster_scores(embeddings, y_true, clusters)}

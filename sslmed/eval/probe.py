@@ -5,13 +5,20 @@ Modes (`eval.mode`):
 * `linear` — logistic regression (scikit-learn) on standardised frozen features, classes weighted
   inversely to their frequency (scarce-label subsets of clinical data are rarely balanced);
 * `knn` — cosine k-nearest-neighbour vote (`eval.knn_k`, weighted by 1/distance) on frozen features;
-* `finetune` — the encoder and a linear head trained end to end (`eval.epochs`, `eval.lr`, `eval.batch_size`);
-* `fusion` — one copy of the encoder per input branch (`eval.branches`), features concatenated, a
-  classifier on top, all trained end to end (a multi-sequence fusion model).
+* `finetune` — the encoder and a classifier head (`eval.head`: linear, or an MLP features → 256 →
+  classes) trained end to end (`eval.epochs`, `eval.lr`, `eval.optimizer`, `eval.batch_size`,
+  `eval.class_weighted`);
+* `fusion` — one encoder branch per input (`eval.branches`; `eval.fusion_shared` for one shared encoder),
+  cross-branch attention (`eval.fusion_attention`), feature- and decision-level fusion
+  (`sslmed.models.fusion`), trained end to end like `finetune`;
+* `cluster` — k-means on frozen features, clusters named by majority vote (`clustering.py`).
 
 Every (label fraction, seed) pair trains on its nested subset of one fixed training split and is scored
-on one fixed test split (`subsets.py`). The frozen test embeddings are also clustered (k-means) and
-compared with the labels. Everything lands in `RUN/metrics.json`.
+on one fixed test split (`subsets.py`); with `eval.cv_folds = k` every pair runs once per fold of a
+stratified k-fold split of the training split, the fold's validation part choosing the epoch whose
+weights are kept (trained modes). The frozen test embeddings are also clustered (k-means) and compared
+with the labels. AUROC/AUPRC are those of `eval.positive_label` when it is set. Everything lands in
+`RUN/metrics.json`.
 """
 
 from __future__ import annotations
@@ -29,49 +36,75 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from sslmed.config import Config
-from sslmed.errors import DataError
+from sslmed.errors import ConfigError, DataError
 from sslmed.eval.encoders import build_encoder, device_of, extract_features, feature_dim
 from sslmed.eval.labelled import LabelledSet, load_labelled
 from sslmed.eval.metrics import classification_metrics, clustering_metrics
 from sslmed.eval.reports import summarise, summary_table, write_json_atomic
-from sslmed.eval.subsets import label_subset, split_train_test
+from sslmed.eval.subsets import cross_validation_folds, label_subset, split_train_test
+from sslmed.models.fusion import FusionClassifier
+from sslmed.models.heads import classifier_head
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "auprc")
+CLUSTER_SUMMARY_METRICS = (*SUMMARY_METRICS, "knn_accuracy", "knn_balanced_accuracy")
 
 
-class BranchClassifier(nn.Module):
-    """One encoder per input channel, features concatenated, then a normalised linear classifier."""
+def positive_index(cfg: Config, classes: list[str]) -> int | None:
+    """Index of `eval.positive_label` in `classes`; None when unset (metrics then use their default)."""
+    name = cfg.eval.positive_label
+    if not name:
+        return None
+    if name not in classes:
+        raise ConfigError(f"eval.positive_label: '{name}' is not a class of {cfg.eval.data} "
+                          f"(classes: {', '.join(classes)})")
+    return classes.index(name)
 
-    def __init__(self, encoders: list[nn.Module], width: int, n_classes: int) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(encoders)
-        total = width * len(encoders)
-        self.head = nn.Sequential(nn.LayerNorm(total), nn.Linear(total, n_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [branch(x[:, i:i + 1]) for i, branch in enumerate(self.branches)]
-        return self.head(torch.cat(features, dim=1))
+Pool = tuple[int | None, np.ndarray, np.ndarray | None]
+
+
+def training_pools(cfg: Config, data: LabelledSet, train_idx: np.ndarray) -> list[Pool]:
+    """[(fold, indices label subsets are drawn from, validation indices)]: the whole training split, or
+    one entry per cross-validation fold."""
+    if not cfg.eval.cv_folds:
+        return [(None, train_idx, None)]
+    groups = None if data.groups is None else data.groups[train_idx]
+    folds = cross_validation_folds(data.labels[train_idx], cfg.eval.cv_folds, groups)
+    return [(i, train_idx[train], train_idx[val]) for i, (train, val) in enumerate(folds)]
 
 
 def finetune(cfg: Config) -> dict:
     """Evaluate `cfg.eval.encoder` on `cfg.eval.data` for every label fraction × seed; write metrics.json."""
     data = load_labelled(cfg)
+    positive = positive_index(cfg, data.classes)
     train_idx, test_idx = split_train_test(data.labels, cfg.eval.test_fraction, data.groups)
     encoder = build_encoder(cfg, seed=cfg.train.seed).to(_device())
     features = extract_features(encoder, data.images, cfg.eval.batch_size)
-    runs = []
-    for fraction in cfg.eval.label_fractions:
-        for seed in cfg.eval.seeds:
-            chosen = train_idx[label_subset(data.labels[train_idx], fraction, seed)]
-            probs = predict(cfg, encoder, data, features, chosen, test_idx, seed)
-            runs.append({"label_fraction": fraction, "seed": seed, "n_labelled": int(len(chosen)),
-                         "metrics": classification_metrics(data.labels[test_idx], probs, data.classes)})
+    if cfg.eval.mode == "cluster":
+        from sslmed.eval.clustering import cluster_evaluation
+
+        runs, clustering = cluster_evaluation(cfg, data, features, train_idx, test_idx, positive)
+        summary_metrics = CLUSTER_SUMMARY_METRICS
+    else:
+        runs = []
+        for fold, pool, val_idx in training_pools(cfg, data, train_idx):
+            for fraction in cfg.eval.label_fractions:
+                for seed in cfg.eval.seeds:
+                    chosen = pool[label_subset(data.labels[pool], fraction, seed)]
+                    probs = predict(cfg, encoder, data, features, chosen, test_idx, seed, val_idx)
+                    run = {"label_fraction": fraction, "seed": seed, "n_labelled": int(len(chosen)),
+                           "metrics": classification_metrics(data.labels[test_idx], probs, data.classes,
+                                                             positive)}
+                    runs.append(run if fold is None else {**run, "fold": fold})
+        clustering = clustering_metrics(features[test_idx], data.labels[test_idx],
+                                        cfg.eval.clusters or len(data.classes), seed=cfg.train.seed)
+        summary_metrics = SUMMARY_METRICS
     report = {
         "encoder": cfg.eval.encoder, "mode": cfg.eval.mode, "data": cfg.eval.data, "classes": data.classes,
-        "n_train": int(len(train_idx)), "n_test": int(len(test_idx)), "runs": runs,
-        "summary": summarise(runs, SUMMARY_METRICS),
-        "clustering": clustering_metrics(features[test_idx], data.labels[test_idx],
-                                         cfg.eval.clusters or len(data.classes), seed=cfg.train.seed),
+        "positive_label": None if positive is None and len(data.classes) > 2 else data.classes[
+            1 if positive is None else positive],
+        "n_train": int(len(train_idx)), "n_test": int(len(test_idx)), "cv_folds": cfg.eval.cv_folds,
+        "runs": runs, "summary": summarise(runs, summary_metrics), "clustering": clustering,
     }
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,8 +114,10 @@ def finetune(cfg: Config) -> dict:
 
 
 def predict(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.ndarray,
-            chosen: np.ndarray, test_idx: np.ndarray, seed: int) -> np.ndarray:
-    """Test-set class probabilities (N_test, K) after training on the samples `chosen`."""
+            chosen: np.ndarray, test_idx: np.ndarray, seed: int,
+            val_idx: np.ndarray | None = None) -> np.ndarray:
+    """Test-set class probabilities (N_test, K) after training on the samples `chosen`; the trained modes
+    keep the weights of the epoch with the lowest loss on `val_idx` when it is given."""
     n_classes = len(data.classes)
     y = data.labels[chosen]
     if cfg.eval.mode in ("linear", "knn"):
@@ -101,16 +136,33 @@ def predict(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.nda
         probs[:, model.classes_] = model.predict_proba(features[test_idx])
         return probs
     width = feature_dim(encoder, cfg.data.crop_size)
-    branches = [copy.deepcopy(encoder) for _ in range(data.images.shape[1])]
     torch.manual_seed(seed)
-    model = BranchClassifier(branches, width, n_classes).to(device_of(encoder))
-    train_classifier(model, data.images[chosen], y, cfg, seed)
+    if cfg.eval.mode == "fusion":
+        model = FusionClassifier(encoder, data.images.shape[1], width, n_classes,
+                                 shared=cfg.eval.fusion_shared, cross_attention=cfg.eval.fusion_attention,
+                                 head=cfg.eval.head)
+    else:
+        model = nn.Sequential(copy.deepcopy(encoder), classifier_head(width, n_classes, cfg.eval.head))
+    model = model.to(device_of(encoder))
+    validation = None if val_idx is None else (data.images[val_idx], data.labels[val_idx])
+    train_classifier(model, data.images[chosen], y, cfg, seed, n_classes, validation)
     return predict_proba(model, data.images[test_idx], cfg.eval.batch_size)
 
 
-def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Config,
-                     seed: int) -> None:
-    """Cross-entropy, AdamW, cosine learning-rate decay over `eval.epochs`."""
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """n / (K · n_c) for the classes present (scikit-learn's "balanced"), 0 for an absent class."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Config, seed: int,
+                     n_classes: int, validation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Cross-entropy (class-weighted with `eval.class_weighted`) for `eval.epochs`: AdamW with cosine
+    decay, or Adam at a constant rate. With `validation` (images, labels), the weights of the epoch with
+    the lowest validation loss are kept."""
     device = device_of(model)
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
@@ -118,12 +170,18 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, c
     # A last batch of one sample would break batch statistics in networks that use them.
     drop_last = len(x) > batch and len(x) % batch == 1
     steps_per_epoch = len(x) // batch if drop_last else math.ceil(len(x) / batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.eval.lr, weight_decay=0.01)
-    total_steps = max(1, cfg.eval.epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
+    if cfg.eval.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.eval.lr)
+        schedule = None
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.eval.lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, cfg.eval.epochs * steps_per_epoch))
+    weight = class_weights(labels, n_classes).to(device) if cfg.eval.class_weighted else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    best_loss, best_state = math.inf, None
     for _ in range(cfg.eval.epochs):
+        model.train()
         order = torch.randperm(len(x), generator=generator)
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
@@ -131,7 +189,24 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, c
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
+        if validation is not None:
+            val_loss = validation_loss(model, *validation, loss_fn, batch)
+            if val_loss < best_loss:
+                best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray, loss_fn: nn.Module,
+                    batch_size: int) -> float:
+    model.eval()
+    device = device_of(model)
+    logits = torch.cat([model(torch.from_numpy(images[i:i + batch_size]).to(device))
+                        for i in range(0, len(images), batch_size)])
+    return float(loss_fn(logits, torch.from_numpy(labels).to(device)))
 
 
 @torch.no_grad()

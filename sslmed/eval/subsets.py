@@ -6,6 +6,9 @@
 * A label-fraction subset draws one permutation per class from the seed; fraction f keeps the first
   ceil(f · n_c) samples of class c (at least one). Hence 1% ⊂ 10% ⊂ 100% for one seed, and the same
   seed gives the same subsets in every run.
+* With `eval.cv_folds = k`, the training split is cut into k stratified folds (grouped with a group
+  key), also by `TEST_SPLIT_SEED`: fold i trains on the other folds (its label-fraction subset) and keeps
+  fold i for validation; every fold is scored on the same test split.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from sslmed.errors import ConfigError, DataError
 
@@ -57,3 +60,21 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         # The epsilon keeps 0.7 · 10 (7.000000000000001 in floating point) at 7.
         chosen.append(members[:max(1, math.ceil(fraction * len(members) - 1e-9))])
     return np.sort(np.concatenate(chosen))
+
+
+def cross_validation_folds(labels: np.ndarray, n_folds: int, groups: np.ndarray | None = None,
+                           seed: int = TEST_SPLIT_SEED) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(training positions, validation positions)] × `n_folds`, positions into `labels`; stratified."""
+    labels = np.asarray(labels)
+    smallest = int(np.unique(labels, return_counts=True)[1].min())
+    units = len(np.unique(groups)) if groups is not None else smallest
+    if units < n_folds:
+        what = "groups" if groups is not None else "samples in the smallest class"
+        raise DataError(f"eval.cv_folds={n_folds}: the training split has only {units} {what}")
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(labels, labels)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(labels, labels, np.asarray(groups))
+    return [(np.sort(train), np.sort(val)) for train, val in splits]

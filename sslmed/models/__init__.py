@@ -7,9 +7,11 @@ from torch import nn
 from sslmed.config import Config
 from sslmed.errors import ConfigError
 from sslmed.models.cnn3d import CNN3D, CNNDecoder, CondCNN3D
+from sslmed.models.resnet3d import ResNet3D
 from sslmed.models.vit3d import ViT3D, ViTDecoder
 
-BACKBONES: dict[str, type[nn.Module]] = {"vit3d": ViT3D, "cnn3d": CNN3D, "cnn3d_cond": CondCNN3D}
+BACKBONES: dict[str, type[nn.Module]] = {"vit3d": ViT3D, "cnn3d": CNN3D, "cnn3d_cond": CondCNN3D,
+                                         "resnet3d": ResNet3D}
 
 
 def backbone_kwargs(cfg: Config) -> dict:
@@ -51,5 +53,5 @@ def set_activation_checkpointing(module: nn.Module, on: bool) -> int:
     return count
 
 
-__all__ = ["BACKBONES", "CNN3D", "CNNDecoder", "CondCNN3D", "ViT3D", "ViTDecoder", "build_backbone",
-           "rebuild_backbone", "set_activation_checkpointing"]
+__all__ = ["BACKBONES", "CNN3D", "CNNDecoder", "CondCNN3D", "ResNet3D", "ViT3D", "ViTDecoder",
+           "build_backbone", "rebuild_backbone", "set_activation_checkpointing"]
