@@ -59,14 +59,16 @@ def summarise(runs: list[dict], metrics: tuple[str, ...]) -> dict:
 def summary_table(report: dict) -> str:
     """A probe's summary as markdown: one row per label fraction, mean ± std over seeds."""
     metrics = list(next(iter(report["summary"].values())))
+    positive = f"; AUROC/AUPRC of class '{report['positive_label']}'" if report.get("positive_label") else ""
     lines = [f"{report['mode']} probe of {report['encoder']} ({report['n_train']} train / {report['n_test']} "
-             "test samples)", "", "| label fraction | " + " | ".join(metrics) + " |",
+             f"test samples{positive})", "", "| label fraction | " + " | ".join(metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for fraction, stats in report["summary"].items():
         lines.append(f"| {fraction} | " + " | ".join(format_mean_std(stats[m]) for m in metrics) + " |")
     c = report["clustering"]
     lines += ["", f"k-means on test embeddings ({c['n_clusters']} clusters): NMI {c['nmi']:.3f}, "
-              f"ARI {c['ari']:.3f}, cluster accuracy {c['cluster_accuracy']:.3f}"]
+              f"ARI {c['ari']:.3f}, cluster accuracy {c['cluster_accuracy']:.3f}, silhouette "
+              f"{c.get('silhouette', math.nan):.3f}, Davies–Bouldin {c.get('davies_bouldin', math.nan):.3f}"]
     return "\n".join(lines)
 
 

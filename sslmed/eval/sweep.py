@@ -31,6 +31,7 @@ from ray import tune
 
 from sslmed.config import Config, config_from_dict, set_key
 from sslmed.errors import CheckpointError, DataError, SslmedError
+from sslmed.eval.reports import mean_std
 from sslmed.eval.sweep_report import write_reports
 
 OBJECT_STORE_BYTES = 256 * 2**20  # trials exchange only paths and small dicts
@@ -271,7 +272,7 @@ def evaluation_trial(config: dict, base: dict, encoders: dict[float, dict], tria
                               "eval.seeds": [trial["seed"]],
                               "run.dir": str(Path(trials_dir) / trial_name(trial))})
     report = finetune(cfg)
-    run = report["runs"][0]
-    metrics = {k: run["metrics"][k] for k in RESULT_METRICS}
-    metrics.update({k: report["clustering"][k] for k in CLUSTER_METRICS}, n_labelled=run["n_labelled"])
+    runs = report["runs"]  # one per cross-validation fold with eval.cv_folds, else one
+    metrics = {k: mean_std([r["metrics"][k] for r in runs])["mean"] for k in RESULT_METRICS}
+    metrics.update({k: report["clustering"][k] for k in CLUSTER_METRICS}, n_labelled=runs[0]["n_labelled"])
     tune.report(metrics)
