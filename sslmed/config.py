@@ -43,6 +43,8 @@ class DataConfig:
     strict: bool = False  # raise on a corrupt shard instead of counting and skipping it
     filter_tags: dict[str, str] = field(default_factory=dict)  # keep samples whose tags match
     label_key: str = "label"  # the tag that holds a sample's class label
+    roi_centres: str = ""  # CSV key,x,y,z: crop around these voxel centres only (sslmed/data/roi.py)
+    roi_jitter: float = 0.0  # standard deviation, in voxels, of the Gaussian jitter of a ROI centre
 
 
 @dataclass
@@ -168,6 +170,7 @@ class Config:
         checks = [
             (self.data.crop_size > 0, "data.crop_size must be positive"),
             (self.data.views in (1, 2), "data.views must be 1 or 2"),
+            (self.data.roi_jitter >= 0, "data.roi_jitter must be >= 0"),
             (0.0 <= self.method.mask_ratio < 1.0, "method.mask_ratio must be in [0, 1)"),
             (self.train.steps > 0, "train.steps must be positive"),
             (self.train.micro_batch > 0, "train.micro_batch must be positive"),

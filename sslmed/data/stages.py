@@ -23,6 +23,7 @@ from monai.transforms import (
 )
 
 from sslmed.config import DataConfig
+from sslmed.data.roi import load_roi_centres, roi_centre
 from sslmed.data.sources import Sample, SkipCounter, Volume
 
 FOREGROUND_LEVEL = 0.1  # normalised intensity above which a voxel counts as foreground
@@ -83,6 +84,7 @@ class Cropper:
         self.cfg, self.seed, self.stream, self.skips = cfg, seed, stream, skips
         self.augment = augmentation() if cfg.augment else None
         self.view_shift = max(1, cfg.crop_size // 8)
+        self.rois = load_roi_centres(cfg.roi_centres) if cfg.roi_centres else None
 
     def __call__(self, volumes: Iterable[Streamed], skip_first: int = 0) -> Iterator[dict]:
         for item in volumes:
@@ -94,6 +96,10 @@ class Cropper:
     def crops(self, item: Streamed) -> Iterator[dict]:
         cfg, size = self.cfg, self.cfg.crop_size
         rng = np.random.default_rng([self.seed, *self.stream, item.index])
+        rois = None if self.rois is None else self.rois.get(item.sample.key)
+        if self.rois is not None and rois is None:
+            self.skips.sample(item.sample.key, f"no ROI centre in {cfg.roi_centres}")
+            return
         try:
             volume = item.sample.load()
         except (ValueError, RuntimeError, OSError) as exc:  # passed the header checks, fails to decompress
@@ -103,7 +109,7 @@ class Cropper:
         fg_rng = np.random.default_rng([self.seed, *self.stream, item.index, 2])
         foreground = functools.cache(lambda: foreground_points(volume, fg_rng))
         # every plan (and so every random draw) is made up front: skipping crops cannot shift later ones
-        plans = [self.plan(rng, foreground, shape) for _ in range(cfg.crops_per_volume)]
+        plans = [self.plan(rng, foreground, shape, rois) for _ in range(cfg.crops_per_volume)]
         for plan in plans:
             crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
                     "epoch": item.epoch, "start": plan["start"],
@@ -118,10 +124,12 @@ class Cropper:
             yield crop
 
     def plan(self, rng: np.random.Generator, foreground: Callable[[], np.ndarray],
-             shape: tuple[int, int, int]) -> dict:
+             shape: tuple[int, int, int], rois: np.ndarray | None = None) -> dict:
         cfg, size = self.cfg, self.cfg.crop_size
         centre = None
-        if cfg.foreground_bias > 0 and rng.random() < cfg.foreground_bias:
+        if rois is not None:
+            centre = roi_centre(rois, rng, cfg.roi_jitter)
+        elif cfg.foreground_bias > 0 and rng.random() < cfg.foreground_bias:
             points = foreground()  # the whole volume is read once, only when a biased centre is drawn
             centre = points[rng.integers(len(points))] if len(points) else None
         if centre is None:
