@@ -180,6 +180,9 @@ def test_cluster_evaluation_on_separated_blobs():
     cfg.eval.clusters = 5
     _, given = cluster_evaluation(cfg, data, features, train_idx, test_idx, positive=None)
     assert given["n_clusters"] == 5 and given["k_from"] == "eval.clusters"
+    cfg.eval.cv_folds = 3
+    with pytest.raises(ConfigError, match="cv_folds"):
+        cluster_evaluation(cfg, data, features, train_idx, test_idx, positive=None)
 
 
 def test_cluster_mode_end_to_end(tmp_path, anomaly_folder):

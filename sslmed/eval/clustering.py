@@ -17,6 +17,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from sslmed.config import Config
+from sslmed.errors import ConfigError
 from sslmed.eval.labelled import LabelledSet
 from sslmed.eval.metrics import classification_metrics, cluster_scores
 from sslmed.eval.subsets import label_subset
@@ -64,6 +65,9 @@ def majority_vote_mapping(clusters: np.ndarray, labels: np.ndarray, n_clusters: 
 def cluster_evaluation(cfg: Config, data: LabelledSet, features: np.ndarray, train_idx: np.ndarray,
                        test_idx: np.ndarray, positive: int | None) -> tuple[list[dict], dict]:
     """(one run per label fraction × seed, the clustering summary) — see the module docstring."""
+    if cfg.eval.cv_folds:
+        raise ConfigError("eval.cv_folds does not apply to eval.mode=cluster (k-means is fitted once on "
+                          "the whole training split); set eval.cv_folds=0")
     train_x, test_x = features[train_idx], features[test_idx]
     train_y, test_y = data.labels[train_idx], data.labels[test_idx]
     if cfg.eval.clusters > 0:
