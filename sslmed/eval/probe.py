@@ -37,6 +37,7 @@ from torch import nn
 
 from sslmed.config import Config
 from sslmed.errors import ConfigError, DataError
+from sslmed.eval.clustering import cluster_evaluation
 from sslmed.eval.encoders import build_encoder, device_of, extract_features, feature_dim
 from sslmed.eval.labelled import LabelledSet, load_labelled
 from sslmed.eval.metrics import classification_metrics, clustering_metrics
@@ -81,28 +82,18 @@ def finetune(cfg: Config) -> dict:
     encoder = build_encoder(cfg, seed=cfg.train.seed).to(_device())
     features = extract_features(encoder, data.images, cfg.eval.batch_size)
     if cfg.eval.mode == "cluster":
-        from sslmed.eval.clustering import cluster_evaluation
-
         runs, clustering = cluster_evaluation(cfg, data, features, train_idx, test_idx, positive)
         summary_metrics = CLUSTER_SUMMARY_METRICS
     else:
-        runs = []
-        for fold, pool, val_idx in training_pools(cfg, data, train_idx):
-            for fraction in cfg.eval.label_fractions:
-                for seed in cfg.eval.seeds:
-                    chosen = pool[label_subset(data.labels[pool], fraction, seed)]
-                    probs = predict(cfg, encoder, data, features, chosen, test_idx, seed, val_idx)
-                    run = {"label_fraction": fraction, "seed": seed, "n_labelled": int(len(chosen)),
-                           "metrics": classification_metrics(data.labels[test_idx], probs, data.classes,
-                                                             positive)}
-                    runs.append(run if fold is None else {**run, "fold": fold})
+        runs = trained_runs(cfg, encoder, data, features, train_idx, test_idx, positive)
         clustering = clustering_metrics(features[test_idx], data.labels[test_idx],
                                         cfg.eval.clusters or len(data.classes), seed=cfg.train.seed)
         summary_metrics = SUMMARY_METRICS
+    binary_default = positive is None and len(data.classes) == 2  # class 1, as `classification_metrics` does
     report = {
         "encoder": cfg.eval.encoder, "mode": cfg.eval.mode, "data": cfg.eval.data, "classes": data.classes,
-        "positive_label": None if positive is None and len(data.classes) > 2 else data.classes[
-            1 if positive is None else positive],
+        "positive_label": data.classes[1] if binary_default else (None if positive is None
+                                                                 else data.classes[positive]),
         "n_train": int(len(train_idx)), "n_test": int(len(test_idx)), "cv_folds": cfg.eval.cv_folds,
         "runs": runs, "summary": summarise(runs, summary_metrics), "clustering": clustering,
     }
@@ -111,6 +102,22 @@ def finetune(cfg: Config) -> dict:
     write_json_atomic(run_dir / "metrics.json", report)
     print(summary_table(report), f"\nwrote {run_dir / 'metrics.json'}", sep="\n")
     return report
+
+
+def trained_runs(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.ndarray,
+                 train_idx: np.ndarray, test_idx: np.ndarray, positive: int | None) -> list[dict]:
+    """One run per (fold,) label fraction and seed, each scored on the test split."""
+    runs = []
+    for fold, pool, val_idx in training_pools(cfg, data, train_idx):
+        for fraction in cfg.eval.label_fractions:
+            for seed in cfg.eval.seeds:
+                chosen = pool[label_subset(data.labels[pool], fraction, seed)]
+                probs = predict(cfg, encoder, data, features, chosen, test_idx, seed, val_idx)
+                metrics = classification_metrics(data.labels[test_idx], probs, data.classes, positive)
+                run = {"label_fraction": fraction, "seed": seed, "n_labelled": int(len(chosen)),
+                       "metrics": metrics}
+                runs.append(run if fold is None else {**run, "fold": fold})
+    return runs
 
 
 def predict(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.ndarray,
