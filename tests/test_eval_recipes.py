@@ -190,3 +190,21 @@ def test_cluster_mode_end_to_end(tmp_path, anomaly_folder):
                                    "eval.knn_k=5"))
     assert report["clustering"]["n_clusters"] == 2
     assert {"knn_accuracy", "auprc"} <= set(report["summary"]["1.0"])
+
+
+def test_sweep_trial_reports_the_mean_over_cross_validation_folds(monkeypatch):
+    from sslmed.eval import sweep
+
+    def fake_finetune(cfg):
+        runs = [{"label_fraction": 0.5, "seed": 0, "n_labelled": 6, "fold": i,
+                 "metrics": {**{m: 0.1 * (i + 1) for m in sweep.RESULT_METRICS}, "auprc": [0.5, 0.7, 0.9][i]}}
+                for i in range(3)]
+        return {"runs": runs, "clustering": {m: 0.0 for m in sweep.CLUSTER_METRICS}}
+
+    reported = []
+    monkeypatch.setattr(probe, "finetune", fake_finetune)
+    monkeypatch.setattr(sweep.tune, "report", reported.append)
+    base = load_config("finetune-tiny", ["eval.cv_folds=3"]).to_dict()
+    trial = {"encoder": "random", "mask_ratio": None, "label_fraction": 0.5, "seed": 0}
+    sweep.evaluation_trial({"trial": trial}, base, {}, "/tmp/unused")
+    assert reported[0]["auprc"] == pytest.approx(0.7) and reported[0]["accuracy"] == pytest.approx(0.2)

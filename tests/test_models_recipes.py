@@ -10,7 +10,7 @@ from scipy.ndimage import median_filter as scipy_median
 from torch import nn
 
 from sslmed.errors import ConfigError
-from sslmed.models import BACKBONES, CNN3D, ViT3D, rebuild_backbone
+from sslmed.models import BACKBONES, CNN3D, ViT3D, rebuild_backbone, set_activation_checkpointing
 from sslmed.models.cae import ConvAutoencoder3D
 from sslmed.models.fusion import FusionClassifier
 from sslmed.models.residual_target import percentile, residual_target
@@ -59,6 +59,22 @@ def test_resnet18_is_monai_resnet_with_paper_widths_and_rebuilds():
     assert BACKBONES["resnet3d"] is ResNet3D
     with pytest.raises(ConfigError, match="multiples of 32"):
         encoder(torch.rand(1, 1, 24, 24, 24))
+
+
+def test_resnet_activation_checkpointing_keeps_gradients():
+    torch.manual_seed(0)
+    encoder = ResNet3D(size="tiny", dim=8, depth=10).eval()  # eval: BatchNorm statistics stay fixed
+    x = torch.rand(1, 1, 32, 32, 32)
+    grads, calls = [], []
+    encoder.net.layer2.register_forward_pre_hook(lambda *_: calls.append(1))
+    for on in (False, True):
+        assert set_activation_checkpointing(encoder, on) == 1
+        encoder.zero_grad()
+        calls.clear()
+        encoder(x).square().sum().backward()
+        grads.append(encoder.net.layer2[0].conv1.weight.grad.clone())
+        assert len(calls) == (2 if on else 1)  # recomputed in backward when checkpointing
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
 
 
 def test_resunet_predicts_a_full_resolution_map_through_skips():
