@@ -107,6 +107,7 @@ class CheckpointConfig:
     every: int = 50
     keep: int = 2
     resume: str = "auto"  # auto | none | PATH
+    trust: bool = False  # load checkpoints that need classes beyond DeepSpeed's own (UNSAFE: may run code)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shlex
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import zarr.storage
 from numcodecs import blosc
 
 from sslmed.errors import DataError
-from sslmed.io.format import Span, map_span, read_span, tar_samples
+from sslmed.io.format import Span, is_shard_name, map_span, read_span, tar_samples
 from sslmed.io.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -300,17 +301,19 @@ class StreamedTarDataset(TarDataset):
     def url(self, unit: str) -> str:
         return self.shard_url.replace("{shard}", unit)
 
+    def open(self, unit: str) -> Any:
+        return open_shard_url(self.shard_url, unit)
+
     def unit_size(self, unit: str) -> int | None:
         entry = self._entry[unit]
         return int(entry["samples"]) if "samples" in entry else None
 
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]:
-        import webdataset
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
         url = self.url(unit)
         try:
-            with webdataset.gopen(url) as stream:
+            with self.open(unit) as stream:
                 for members in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     sample = self._parse_members(url, members, skips)
                     if sample is not None:
@@ -335,6 +338,30 @@ class StreamedTarDataset(TarDataset):
     def _sample_spans(self, key: str) -> tuple[Path, dict[str, Span]]:
         raise DataError(f"{self.root}: shards streamed from data.shard_url={self.shard_url!r} offer no "
                         "random access (sample metadata, whole volumes); mount or copy the shards")
+
+
+# A `pipe:` template containing any of these needs a shell (pipelines, redirections, expansions).
+SHELL_SYNTAX = set("|&;<>()$`\\*?[]~#!")
+
+
+def open_shard_url(template: str, shard: str) -> Any:
+    """A binary stream of `shard` from a WebDataset URL template. `pipe:` templates run as an argument
+    list (no shell) unless they use shell syntax; then the name goes in shell-quoted. The name must
+    also be one `pack` writes, so nothing a manifest says can reach a shell."""
+    import webdataset
+
+    if not is_shard_name(shard):
+        raise DataError(f"refusing to open shard {shard!r}: not a shard name (shard-NNNNNN.tar)")
+    if not template.startswith("pipe:"):
+        return webdataset.gopen(template.replace("{shard}", shard))
+    from webdataset.gopen import Pipe
+
+    command = template[len("pipe:"):]
+    if SHELL_SYNTAX.isdisjoint(command):
+        argv = [word.replace("{shard}", shard) for word in shlex.split(command)]
+        return Pipe(argv, mode="rb", shell=False, bufsize=8192, ignore_status=[141])
+    return Pipe(command.replace("{shard}", shlex.quote(shard)), mode="rb", shell=True, bufsize=8192,
+                ignore_status=[141])
 
 
 # ---- Zarr v3 store ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -27,8 +28,25 @@ VOLUME_EXTENSIONS = ("vol.npy", "vol.blosc")  # tar member suffixes holding the 
 META_EXTENSION = "meta.json"
 
 
+SHARD_NAME = re.compile(r"shard-[0-9]{6}\.tar")  # what `shard_name` writes, and nothing else
+KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def is_shard_name(name: object) -> bool:
+    """True only for names `shard_name` writes: a manifest entry is substituted into paths and shard
+    URLs (`pipe:` commands), so nothing else may pass."""
+    return isinstance(name, str) and SHARD_NAME.fullmatch(name) is not None
+
+
+def is_array_path(path: object) -> bool:
+    """True only for `volumes.zarr/<key>` with a key of the format's own alphabet (no `..`, no `/`)."""
+    if not isinstance(path, str) or not path.startswith(f"{ZARR_STORE}/"):
+        return False
+    return KEY.fullmatch(path[len(ZARR_STORE) + 1:]) is not None
 
 
 def encode_volume(array: np.ndarray, codec: str) -> tuple[str, bytes]:

@@ -12,12 +12,16 @@ import numpy as np
 
 from sslmed.errors import DataError
 from sslmed.io.format import (
+    CODECS,
     FORMAT_VERSION,
+    KEY,
     MANIFEST,
     META_EXTENSION,
     VOLUME_EXTENSIONS,
     decode_volume,
     file_sha256,
+    is_array_path,
+    is_shard_name,
     tree_sha256,
 )
 
@@ -44,10 +48,66 @@ def load_manifest(directory: str | Path) -> dict:
     if missing or not valid_format or not isinstance(manifest.get(entries), list):
         raise DataError(f"{path}: not a valid manifest (missing {missing or [entries]}, format "
                         f"{manifest.get('format')!r})")
+    problem = _schema_problem(manifest, entries)
+    if problem:
+        raise DataError(f"{path}: invalid manifest: {problem}")
     if manifest["format_version"] > FORMAT_VERSION:
         raise DataError(f"{path}: format version {manifest['format_version']} is newer than this sslmed "
                         f"understands ({FORMAT_VERSION}); upgrade sslmed")
     return manifest
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _schema_problem(manifest: dict, entries: str) -> str | None:
+    """The first field of the manifest with a wrong type or value, named; None when all are right.
+    Entry paths are checked against the format's own naming rule because they are substituted into
+    file paths and shard URLs (a `pipe:` command): a name like `x.tar; rm -rf ~` must never get there."""
+    top = [(k, _is_count(manifest[k])) for k in ("format_version", "samples", "voxels", "bytes")]
+    top.append(("codec", manifest["codec"] in CODECS))
+    top.append(("preprocessing", isinstance(manifest["preprocessing"], dict)))
+    for field, ok in top:
+        if not ok:
+            return f"{field} is {manifest[field]!r}"
+    for index, entry in enumerate(manifest[entries]):
+        where = f"{entries}[{index}]"
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        checks = _shard_checks(entry) if entries == "shards" else _array_checks(entry)
+        for field, ok in checks:
+            if field not in entry:
+                return f"{where} has no '{field}'"
+            if not ok(entry[field]):
+                return f"{where}.{field} is {entry[field]!r}" + (
+                    " (not a shard name shard-NNNNNN.tar)" if (entries, field) == ("shards", "path") else "")
+        if entries == "arrays" and entry["path"] != f"volumes.zarr/{entry['key']}":
+            return f"{where}.path {entry['path']!r} does not match its key {entry['key']!r}"
+        if entries == "shards" and len(entry["keys"]) != entry["samples"]:
+            return f"{where} lists {len(entry['keys'])} keys for {entry['samples']} samples"
+    return None
+
+
+def _is_key_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(k, str) and KEY.fullmatch(k) for k in value)
+
+
+def _shard_checks(entry: dict) -> list:
+    return [("path", is_shard_name), ("samples", _is_count), ("voxels", _is_count), ("bytes", _is_count),
+            ("sha256", _is_sha256), ("keys", _is_key_list)]
+
+
+def _array_checks(entry: dict) -> list:
+    def is_shape(v: object) -> bool:
+        return isinstance(v, list) and len(v) == 3 and all(_is_count(n) and n > 0 for n in v)
+
+    return [("key", lambda k: isinstance(k, str) and KEY.fullmatch(k) is not None), ("path", is_array_path),
+            ("shape", is_shape), ("voxels", _is_count), ("bytes", _is_count), ("sha256", _is_sha256)]
 
 
 def iter_shard(path: Path, *, decode: bool = True) -> Iterator[tuple[str, np.ndarray | None, dict]]:

@@ -222,7 +222,7 @@ def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
         if needs_universal(ckpt, world):
             directory = ckpt.path / "universal"
             if rank == 0 and not (directory / MARKER).is_file():
-                to_universal(ckpt.path, directory)
+                to_universal(ckpt.path, directory, trust=engine.trust_checkpoints)
                 write_atomic(directory / MARKER, "{}")
             barrier()
             engine.load(directory, ckpt.tag)
@@ -274,8 +274,9 @@ def encoder_meta(cfg: Config) -> dict[str, Any]:
     return meta
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
-    """The latest complete checkpoint of a run → exported encoder (consolidated fp32 weights)."""
+def export_run(run_dir: str | Path, out: str | Path, trust: bool = False) -> Path:
+    """The latest complete checkpoint of a run → exported encoder (consolidated fp32 weights). The
+    checkpoint's own config never decides `trust`: only the caller does."""
     from sslmed.methods import build_method
     from sslmed.train.engine import consolidated_state_dict
 
@@ -285,7 +286,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     ckpt = found[-1]
     cfg = load_saved_config(ckpt.path)
     method = build_method(cfg)
-    state = consolidated_state_dict(ckpt.path.parent, ckpt.tag, ckpt.zero_stage)
+    state = consolidated_state_dict(ckpt.path.parent, ckpt.tag, ckpt.zero_stage, trust=trust)
     try:
         method.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:
