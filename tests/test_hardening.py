@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from test_train_support import TinyMethod, ToyLoader, tiny_config
 
 from sslmed.cli import main
 from sslmed.data.sources import SkipCounter, open_dataset, open_shard_url
-from sslmed.errors import CheckpointError, DataError
+from sslmed.errors import CheckpointError, DataError, SslmedError
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
 from sslmed.train.loop import run_pretraining
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -117,3 +120,81 @@ def test_a_crafted_zero1_checkpoint_runs_no_code_on_export_or_universal_conversi
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))
+
+
+# ---- one writer per directory -------------------------------------------------------------------
+
+HOLD = """
+import sys, time
+from sslmed.lock import DirectoryLock
+DirectoryLock(sys.argv[1], sys.argv[2]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(directory: Path, command: str) -> subprocess.Popen:
+    """Another process holding `directory`'s lock (it never releases: only killing it ends it)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(directory), command], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_pack_or_pretrain_into_a_held_directory_is_refused(phantom_files, tmp_path, capsys):
+    out, run = tmp_path / "out", tmp_path / "run"
+    holders = [hold_lock(out, "sslmed pack"), hold_lock(run, "sslmed pretrain")]
+    try:
+        assert main(["pack", *map(str, phantom_files), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"in use by sslmed pack (pid {holders[0].pid} on " in err
+        assert not (out / "manifest.json").exists()
+        with pytest.raises(SslmedError, match=f"in use by sslmed pretrain \\(pid {holders[1].pid} "):
+            trained_run(run)
+        assert not (run / "checkpoints").exists()
+    finally:
+        for holder in holders:
+            holder.kill()  # kill -9: the kernel drops the lock, the file stays behind, stale
+            holder.wait()
+    assert main(["pack", *map(str, phantom_files), "--out", str(out)]) == 0
+    assert f"taking over the stale lock of sslmed pack (pid {holders[0].pid}" in capsys.readouterr().err
+    assert trained_run(run).step == 2
+
+
+def test_a_run_dir_that_cannot_be_written_is_a_one_line_error(packed_wds, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code = main(["pretrain", "mae-tiny", f"data.path={packed_wds}", f"run.dir={tmp_path / 'file' / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not writable" in err
+
+
+# ---- checkpoints of other runs, damaged checkpoints ---------------------------------------------
+
+
+def test_a_new_run_into_a_run_dir_with_checkpoints_is_refused(tmp_path):
+    trained_run(tmp_path / "other")
+    trained_run(tmp_path / "run")
+    for choice in ("none", str(tmp_path / "other")):
+        with pytest.raises(CheckpointError, match="already holds another run's checkpoints"):
+            trained_run(tmp_path / "run", f"checkpoint.resume={choice}")
+    assert [c.step for c in ckpt.complete_checkpoints(tmp_path / "run")] == [2]
+    fresh = trained_run(tmp_path / "fresh", "train.steps=3", f"checkpoint.resume={tmp_path / 'other'}")
+    assert fresh.step == 3
+
+
+def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    trained_run(run, "train.steps=4", "checkpoint.keep=2")
+    newest = run / "checkpoints" / "step_4" / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a full disk
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "enc")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step_4: unreadable checkpoint" in err
+    trained_run(run, "train.steps=6", "checkpoint.keep=2")
+    out, err = capsys.readouterr()
+    assert f"skipping checkpoint {run / 'checkpoints' / 'step_4'}:" in err
+    assert f"resumed from {run / 'checkpoints' / 'step_2'} at step 2" in out
+    assert [c.step for c in ckpt.complete_checkpoints(run)] == [4, 6]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

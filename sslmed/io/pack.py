@@ -28,10 +28,12 @@ from sslmed.io.format import CODECS, FORMAT_VERSION, MANIFEST, REPORT, write_jso
 from sslmed.io.preprocess import CT_WINDOW, DTYPES, MR_PERCENTILES, preprocess
 from sslmed.io.readers import find_inputs, read_volume, suffix_of
 from sslmed.io.writers import WdsWriter, ZarrWriter
+from sslmed.lock import holding_lock
 
 Outcome = tuple[np.ndarray, dict] | str  # (stored array, metadata) or the reason it failed
 
 
+@holding_lock("out", "sslmed pack")  # a second pack into the same --out is refused, naming this one
 def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
          spacing: tuple[float, float, float] | None = None, modality: str = "auto", dtype: str = "int16",
          shard_size: float = 512e6, workers: int = 1, on_error: str = "skip", tags: str | Path | None = None,
