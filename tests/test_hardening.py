@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from test_train_support import TinyMethod, ToyLoader, tiny_config
 from sslmed.cli import main
 from sslmed.data.sources import SkipCounter, open_dataset, open_shard_url
 from sslmed.errors import CheckpointError, DataError, SslmedError
+from sslmed.io.pack import pack
+from sslmed.io.synthetic import write_phantoms
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
 from sslmed.train.loop import run_pretraining
@@ -198,3 +201,67 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsy
     assert [c.step for c in ckpt.complete_checkpoints(run)] == [4, 6]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ---- pack: symlinks, workers --------------------------------------------------------------------
+
+
+def test_symlink_loops_and_cycles_are_reported_and_the_walk_ends(phantom_files, tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    shutil.copy(phantom_files[0], data / "sub" / "a.nii.gz")
+    (data / "self.nii.gz").symlink_to("self.nii.gz")  # a link to itself
+    (data / "sub" / "up").symlink_to("..")  # a folder link back up: an endless walk if followed
+    summary = pack([data], tmp_path / "out")
+    report = [json.loads(line) for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()]
+    reasons = {Path(r["path"]).name: (r["status"], r["reason"]) for r in report}
+    assert summary["ok"] == 1 and summary["skipped"] == 2
+    assert reasons["self.nii.gz"] == ("skipped", "symlink loop")
+    assert reasons["up"][0] == "skipped" and "already walked" in reasons["up"][1]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc; zombies excluded)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killing_pack_kills_its_workers(tmp_path):
+    inputs = write_phantoms(tmp_path / "in", 4, shape=(80, 80, 80), seed=1)
+    cmd = [sys.executable, "-m", "sslmed", "pack", *map(str, inputs), "--out", str(tmp_path / "out"),
+           "--workers", "2", "--spacing", "0.5", "0.5", "0.5"]  # upsampling keeps the workers busy
+    parent = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(descendants(parent.pid)) < 3 and time.monotonic() < deadline:  # forkserver + 2 workers
+            time.sleep(0.2)
+        workers = descendants(parent.pid)
+        assert len(workers) >= 3, "pack never started its workers"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in workers if alive(pid)]
+    assert not survivors

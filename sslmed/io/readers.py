@@ -6,6 +6,7 @@ Every failure — unreadable, truncated, wrong dimensionality, non-finite values
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 from collections.abc import Iterable
@@ -308,17 +309,27 @@ def _rescaled(dataset) -> np.ndarray:
 
 # --- discovery -----------------------------------------------------------------------------------
 
-def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
+Refused = list[tuple[Path, str]]  # (path, why it is not an input): symlink loops and cycles
+
+
+def find_inputs(paths: Iterable[str | Path], refused: Refused | None = None) -> list[Path]:
     """Expand folders into inputs, searched recursively for supported files.
 
     A folder holding DICOM slices is itself one input (a series) and a .dcm file stands for its folder;
     packed datasets (a folder with a manifest.json) are skipped. Other paths given explicitly are kept as
-    they are (even if missing or unsupported) so they are reported, not silently dropped."""
+    they are (even if missing or unsupported) so they are reported, not silently dropped. Symlinks that
+    loop, and folder symlinks back into a folder already walked (`up -> ..`), are not followed: each is
+    appended to `refused` with the reason, so the walk ends and the caller can report them."""
+    refused = [] if refused is None else refused
     found: list[Path] = []
+    walked: set[tuple[int, int]] = set()  # (device, inode) of every folder entered
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            found.extend(_expand(path))
+        problem = symlink_problem(path)
+        if problem:
+            refused.append((path, problem))
+        elif path.is_dir():
+            found.extend(_expand(path, walked, refused))
         else:
             found.append(path.parent if path.suffix.lower() == ".dcm" and path.is_file() else path)
     unique: dict[Path, Path] = {}  # the same file named twice (relative and absolute) is one input
@@ -327,13 +338,35 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _expand(folder: Path) -> list[Path]:
+def symlink_problem(path: Path) -> str | None:
+    """'symlink loop' when following `path` never ends; None otherwise (a dangling link is an input that
+    fails to read, and is reported as such)."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "symlink loop"
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else None
+    return None
+
+
+def _expand(folder: Path, walked: set[tuple[int, int]], refused: Refused) -> list[Path]:
     if (folder / "manifest.json").is_file():
         return []  # a packed dataset (e.g. --out inside the input folder) is output, not input
+    info = folder.stat()
+    if (info.st_dev, info.st_ino) in walked:
+        refused.append((folder, "folder symlink into a folder already walked (a cycle or a duplicate)"))
+        return []
+    walked.add((info.st_dev, info.st_ino))
     inputs: list[Path] = [folder] if dicom_files(folder) else []
     for child in sorted(folder.iterdir()):
-        if child.is_dir():
-            inputs.extend(_expand(child))
+        problem = symlink_problem(child)
+        if problem:
+            refused.append((child, problem))
+        elif child.is_dir():
+            inputs.extend(_expand(child, walked, refused))
         elif suffix_of(child) in SUPPORTED_SUFFIXES:
             inputs.append(child)
     return inputs
