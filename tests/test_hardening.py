@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from test_train_support import TinyMethod, ToyLoader, tiny_config
 from sslmed.cli import main
 from sslmed.data.sources import SkipCounter, open_dataset, open_shard_url
 from sslmed.errors import CheckpointError, DataError, SslmedError
+from sslmed.io.manifest import verify
 from sslmed.io.pack import pack
 from sslmed.io.synthetic import write_phantoms
 from sslmed.train import checkpoint as ckpt
@@ -265,3 +267,75 @@ def test_killing_pack_kills_its_workers(tmp_path):
         time.sleep(0.1)
     survivors = [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in workers if alive(pid)]
     assert not survivors
+
+
+# ---- streams checked against the manifest -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory, phantom_files) -> Path:
+    """The three phantoms in one tar shard."""
+    out = tmp_path_factory.mktemp("one-shard") / "wds"
+    pack(phantom_files, out)
+    return out
+
+
+def cut_after_first_sample(src: Path, dst: Path) -> Path:
+    """A copy of `src` whose shard ends exactly where its second sample's first member begins."""
+    shutil.copytree(src, dst)
+    shard = dst / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    second = next(m for m in members if m.name.split(".")[0] != members[0].name.split(".")[0])
+    with open(shard, "r+b") as handle:
+        handle.truncate(second.offset)  # a member boundary: tar reads this as a valid, shorter shard
+    return dst
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_shard_cut_at_a_member_boundary_is_counted_and_fatal_under_strict(one_shard, tmp_path, streamed):
+    cut = cut_after_first_sample(one_shard, tmp_path / "cut")
+    url = f"pipe:cat {cut}/{{shard}}" if streamed else ""
+    dataset, skips = open_dataset(cut, url), SkipCounter()
+    assert [s.key for s in dataset.samples(dataset.units[0], skips)] == dataset.keys[:1]
+    assert skips.as_dict() == {"shards": 0, "samples": 2}
+    with pytest.raises(DataError, match="ends after 1 of the 3 samples the manifest lists"):
+        list(dataset.samples(dataset.units[0], SkipCounter(strict=True)))
+
+
+def test_a_nan_scale_fails_verify_and_is_skipped_by_the_stream(one_shard, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(one_shard, bad)
+    shard = bad / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        meta = next(m for m in tar.getmembers() if m.name.endswith(".meta.json"))
+        text = tar.extractfile(meta).read()
+    scale = json.loads(text)["scale"]
+    patched = text.replace(json.dumps(scale).encode(), b"NaN".ljust(len(json.dumps(scale))))
+    assert len(patched) == len(text) and patched != text
+    data = bytearray(shard.read_bytes())
+    data[meta.offset_data:meta.offset_data + len(text)] = patched
+    shard.write_bytes(bytes(data))
+    problems = verify(bad)
+    assert any("metadata scale is nan" in p for p in problems), problems
+    dataset, skips = open_dataset(bad), SkipCounter()
+    assert len(list(dataset.samples(dataset.units[0], skips))) == 2 and skips.samples == 1
+
+
+def test_inspect_and_verify_errors_are_one_line(one_shard, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(one_shard, broken)
+    (broken / "shard-000000.tar").unlink()
+    manifest = json.loads((one_shard / "manifest.json").read_text())
+    del manifest["shards"][0]["sha256"]
+    (tmp_path / "typed").mkdir()
+    (tmp_path / "typed" / "manifest.json").write_text(json.dumps({**manifest, "samples": "3"}))
+    (tmp_path / "nosum").mkdir()
+    (tmp_path / "nosum" / "manifest.json").write_text(json.dumps(manifest))
+    cases = [(["inspect", str(broken)], "unreadable shard"),
+             (["verify", str(tmp_path / "typed")], "samples is '3'"),
+             (["verify", str(tmp_path / "nosum")], "shards[0] has no 'sha256'")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("sslmed: error: ") and message in err, err
