@@ -3,6 +3,7 @@ without a word."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -10,8 +11,10 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_train_support import TinyMethod, ToyLoader, tiny_config
@@ -339,3 +342,62 @@ def test_inspect_and_verify_errors_are_one_line(one_shard, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("sslmed: error: ") and message in err, err
+
+
+# ---- decompression bombs ------------------------------------------------------------------------
+
+BOMB_READ = """
+import resource, sys
+from sslmed.errors import VolumeError
+from sslmed.io.readers import read_volume
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_volume(sys.argv[1])
+except VolumeError as exc:
+    print(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB
+"""
+
+
+def test_a_nifti_that_expands_beyond_its_header_is_refused_within_bounded_memory(tmp_path):
+    import nibabel as nib
+
+    header = nib.Nifti1Image(np.zeros((16, 16, 16), np.uint8), np.eye(4)).to_bytes()  # 4 KB of data
+    bomb = tmp_path / "bomb.nii.gz"
+    deflate = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    with open(bomb, "wb") as handle:
+        handle.write(deflate.compress(header))
+        zeros = bytes(1 << 24)
+        for _ in range(32):  # 512 MiB of trailing zeros in about half a megabyte
+            handle.write(deflate.compress(zeros))
+        handle.write(deflate.flush())
+    assert bomb.stat().st_size < 1 << 20
+    done = subprocess.run([sys.executable, "-c", BOMB_READ, str(bomb)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    message, grown_mib = done.stdout.strip().splitlines()
+    assert "decompresses beyond" in message
+    assert int(grown_mib) < 64  # the whole stream would be 512 MiB
+
+
+def test_a_shard_member_that_expands_beyond_its_metadata_is_never_decoded(one_shard, tmp_path):
+    from numcodecs import blosc
+
+    bomb = tmp_path / "bomb"
+    shutil.copytree(one_shard, bomb)
+    shard = bomb / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = {m.name: (m, tar.extractfile(m).read()) for m in tar.getmembers()}
+    key = next(iter(members)).split(".")[0]
+    huge = np.zeros((512, 512, 256), np.int16)  # 128 MiB that compresses to a few kB
+    buffer = io.BytesIO()
+    np.save(buffer, huge)
+    info = members[f"{key}.vol.blosc"][0]
+    members[info.name] = (info, blosc.compress(buffer.getvalue(), b"zstd", 5))
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members.values():
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dataset, skips = open_dataset(bomb), SkipCounter()
+    loaded = [s.key for s in dataset.samples(dataset.units[0], skips)]
+    assert key not in loaded and len(loaded) == 2 and skips.samples == 1
+    assert any(f"sample '{key}': blosc buffer decompresses to" in p for p in verify(bomb))

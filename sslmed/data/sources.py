@@ -301,7 +301,7 @@ class StreamedTarDataset(TarDataset):
             suffix = volume_member(members)
             meta = check_meta(json.loads(members[META_EXTENSION]))
             payload = members[suffix]
-            check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload))
+            check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload), meta)
         except ValueError as exc:
             skips.sample(f"{url}:{key}", str(exc))
             return None

@@ -87,14 +87,20 @@ def npy_layout(data: Buffer) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     return shape, dtype, fortran, stream.tell()
 
 
-def check_payload(extension: str, head: Buffer, length: int) -> None:
+def check_payload(extension: str, head: Buffer, length: int, meta: dict) -> None:
     """Cheap structural check of a payload of `length` bytes from its first bytes `head` (headers and
-    lengths, no decompression), so truncation is caught before anything is decoded."""
+    lengths, no decompression), so truncation is caught before anything is decoded, and a payload
+    that would decompress beyond what its metadata's shape and dtype need (a bomb) is never decoded."""
     head = memoryview(head)
     if extension == "vol.blosc":
         cbytes = int.from_bytes(head[12:16], "little") if len(head) >= BLOSC_HEADER_BYTES else -1
         if cbytes != length:
             raise ValueError(f"blosc buffer of {length} bytes, header says {cbytes}")
+        nbytes = int.from_bytes(head[4:8], "little")
+        bound = NPY_HEADER_LIMIT + int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
+        if nbytes > bound:
+            raise ValueError(f"blosc buffer decompresses to {nbytes} bytes; its metadata "
+                             f"({meta['dtype']}{meta['shape']}) allows at most {bound}")
         return
     shape, dtype, _, header = npy_layout(head)
     expected = header + int(np.prod(shape)) * dtype.itemsize
@@ -173,6 +179,12 @@ def check_meta(meta: object) -> dict:
     shape = meta.get("shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
         raise ValueError(f"metadata shape is {shape!r}")
+    try:
+        numeric = isinstance(meta.get("dtype"), str) and np.dtype(meta["dtype"]).kind in "iuf"
+    except TypeError:
+        numeric = False
+    if not numeric:
+        raise ValueError(f"metadata dtype is {meta.get('dtype')!r}")
     for field in ("scale", "offset"):
         value = meta.get(field)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -187,7 +199,7 @@ def tar_sample(path: Path, spans: dict[str, Span]) -> tuple[dict, str, Span]:
     extension = volume_member(spans)
     meta = check_meta(json.loads(read_span(path, spans[META_EXTENSION]).tobytes()))
     offset, length = spans[extension]
-    check_payload(extension, read_span(path, (offset, min(length, NPY_HEADER_LIMIT))), length)
+    check_payload(extension, read_span(path, (offset, min(length, NPY_HEADER_LIMIT))), length, meta)
     return meta, extension, spans[extension]
 
 
