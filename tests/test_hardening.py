@@ -20,6 +20,8 @@ import torch
 from test_train_support import TinyMethod, ToyLoader, tiny_config
 
 from sslmed.cli import main
+from sslmed.config import Config
+from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import SkipCounter, open_dataset, open_shard_url
 from sslmed.errors import CheckpointError, DataError, SslmedError
 from sslmed.io.manifest import verify
@@ -401,3 +403,51 @@ def test_a_shard_member_that_expands_beyond_its_metadata_is_never_decoded(one_sh
     loaded = [s.key for s in dataset.samples(dataset.units[0], skips)]
     assert key not in loaded and len(loaded) == 2 and skips.samples == 1
     assert any(f"sample '{key}': blosc buffer decompresses to" in p for p in verify(bomb))
+
+
+# ---- Zarr: damaged chunks are caught while training ---------------------------------------------
+
+
+def zarr_stream_config(path: Path, strict: bool) -> Config:
+    cfg = Config()
+    cfg.data.path, cfg.data.crop_size, cfg.data.workers, cfg.data.strict = str(path), 24, 0, strict
+    cfg.data.crops_per_volume, cfg.data.shuffle_buffer, cfg.train.micro_batch = 1, 1, 1
+    return cfg  # 24³ crops of 24×20×16 phantoms: every chunk of a volume is read
+
+
+@pytest.fixture(scope="module")
+def small_chunks(tmp_path_factory, phantom_files) -> Path:
+    out = tmp_path_factory.mktemp("zarr") / "zarr"
+    pack(phantom_files, out, fmt="zarr", chunk=4)  # 4³ chunks, several shard files per volume
+    return out
+
+
+def test_a_flipped_byte_in_a_zarr_chunk_is_caught_by_the_stream(small_chunks, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_chunks, bad)
+    key = open_dataset(bad).keys[0]
+    shard = next(p for p in sorted((bad / "volumes.zarr" / key / "c").rglob("*")) if p.is_file())
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF  # inside the first chunk's compressed bytes
+    shard.write_bytes(bytes(data))
+    assert any(p.startswith(f"volumes.zarr/{key}: checksum mismatch") for p in verify(bad))
+    with pytest.raises(ValueError, match="checksum"):
+        open_dataset(bad).read(key)
+    loader = build_loader(zarr_stream_config(bad, strict=False), 0, 1)
+    keys = [next(loader)["key"][0] for _ in range(4)]
+    assert key not in keys and loader.skipped["samples"] >= 1
+    with pytest.raises(DataError, match=f"corrupt sample {key}: cannot read: .*checksum"):
+        strict = build_loader(zarr_stream_config(bad, strict=True), 0, 1)
+        for _ in range(4):
+            next(strict)
+
+
+def test_a_deleted_zarr_shard_file_is_caught_by_the_stream(small_chunks, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_chunks, bad)
+    key = open_dataset(bad).keys[0]
+    next(p for p in sorted((bad / "volumes.zarr" / key / "c").rglob("*")) if p.is_file()).unlink()
+    dataset, skips = open_dataset(bad), SkipCounter()
+    assert list(dataset.samples(key, skips)) == [] and skips.samples == 1
+    with pytest.raises(DataError, match="file\\(s\\) the manifest lists are missing"):
+        list(dataset.samples(key, SkipCounter(strict=True)))

@@ -31,6 +31,7 @@ from sslmed.io.format import (
     decode_volume,
     is_shard_name,
     map_span,
+    missing_files,
     read_span,
     tar_sample,
     tar_samples,
@@ -349,6 +350,7 @@ class ZarrDataset:
         self.root, self.manifest = root, manifest
         self.keys = [entry["key"] for entry in manifest.get("arrays", [])]
         self.units = list(self.keys)
+        self._entry = {entry["key"]: entry for entry in manifest.get("arrays", [])}
         self._group = None
         self._last: tuple[str, StoredVolume] | None = None
 
@@ -390,6 +392,10 @@ class ZarrDataset:
         try:
             array = self._array(unit)
             meta = check_meta(dict(array.attrs.get("sslmed", {})))
+            missing = missing_files(self.root / self._entry[unit]["path"], self._entry[unit].get("files", []))
+            if missing:
+                raise ValueError(f"{len(missing)} file(s) the manifest lists are missing ({missing[0]}, …): "
+                                 "they would read as zeros")
         except (DataError, ValueError, OSError) as exc:
             skips.sample(f"{self.root}/volumes.zarr/{unit}", str(exc))
             return

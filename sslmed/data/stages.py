@@ -92,7 +92,7 @@ class Cropper:
             yield from crops
 
     def crops(self, item: Streamed) -> Iterator[dict]:
-        cfg, size = self.cfg, self.cfg.crop_size
+        cfg = self.cfg
         rng = np.random.default_rng([self.seed, *self.stream, item.index])
         try:
             volume = item.sample.load()
@@ -105,17 +105,26 @@ class Cropper:
         # every plan (and so every random draw) is made up front: skipping crops cannot shift later ones
         plans = [self.plan(rng, foreground, shape) for _ in range(cfg.crops_per_volume)]
         for plan in plans:
-            crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
-                    "epoch": item.epoch, "start": plan["start"],
-                    "location": location(plan["start"], shape, size),
-                    "image": self.view(volume, plan["start"], plan["seeds"][0])}
-            if cfg.views == 2:
-                crop["image2"] = self.view(volume, plan["start2"], plan["seeds"][1])
-            if cfg.neighbour:
-                crop["neighbour"] = self.view(volume, plan["neighbour"], plan["seeds"][2])
-                crop["neighbour_location"] = location(plan["neighbour"], shape, size)
-                crop["neighbour_start"] = plan["neighbour"]
+            try:
+                crop = self.crop(item, volume, plan)
+            except (ValueError, RuntimeError, OSError) as exc:  # a lazy (zarr) read: checksum, codec
+                self.skips.sample(item.sample.key, f"cannot read: {exc}")
+                return
             yield crop
+
+    def crop(self, item: Streamed, volume: StoredVolume, plan: dict) -> dict:
+        cfg, size, shape = self.cfg, self.cfg.crop_size, volume.shape
+        crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
+                "epoch": item.epoch, "start": plan["start"],
+                "location": location(plan["start"], shape, size),
+                "image": self.view(volume, plan["start"], plan["seeds"][0])}
+        if cfg.views == 2:
+            crop["image2"] = self.view(volume, plan["start2"], plan["seeds"][1])
+        if cfg.neighbour:
+            crop["neighbour"] = self.view(volume, plan["neighbour"], plan["seeds"][2])
+            crop["neighbour_location"] = location(plan["neighbour"], shape, size)
+            crop["neighbour_start"] = plan["neighbour"]
+        return crop
 
     def plan(self, rng: np.random.Generator, foreground: Callable[[], np.ndarray],
              shape: tuple[int, int, int]) -> dict:

@@ -88,11 +88,18 @@ def _schema_problem(manifest: dict, entries: str) -> str | None:
             if not ok(entry[field]):
                 return f"{where}.{field} is {entry[field]!r}" + (
                     " (not a shard name shard-NNNNNN.tar)" if (entries, field) == ("shards", "path") else "")
+        if entries == "arrays" and not _is_relative_list(entry.get("files", [])):
+            return f"{where}.files is not a list of relative paths inside the array"
         if entries == "arrays" and entry["path"] != f"volumes.zarr/{entry['key']}":
             return f"{where}.path {entry['path']!r} does not match its key {entry['key']!r}"
         if entries == "shards" and len(entry["keys"]) != entry["samples"]:
             return f"{where} lists {len(entry['keys'])} keys for {entry['samples']} samples"
     return None
+
+
+def _is_relative_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, str) and v and not v.startswith("/") and ".." not in v.split("/") for v in value)
 
 
 def _is_key_list(value: object) -> bool:
