@@ -20,7 +20,7 @@ import torch
 from test_train_support import TinyMethod, ToyLoader, tiny_config
 
 from sslmed.cli import main
-from sslmed.config import Config
+from sslmed.config import Config, load_config
 from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import SkipCounter, open_dataset, open_shard_url
 from sslmed.errors import CheckpointError, DataError, SslmedError
@@ -451,3 +451,20 @@ def test_a_deleted_zarr_shard_file_is_caught_by_the_stream(small_chunks, tmp_pat
     assert list(dataset.samples(key, skips)) == [] and skips.samples == 1
     with pytest.raises(DataError, match="file\\(s\\) the manifest lists are missing"):
         list(dataset.samples(key, SkipCounter(strict=True)))
+
+
+# ---- config values read as people mean them ----------------------------------------------------
+
+
+def test_config_values_are_read_as_written(tmp_path, capsys):
+    cfg = load_config("mae-tiny", ["optim.lr=1e-4", "run.dir=0755", "data.path=on", "train.steps=10"])
+    assert (cfg.optim.lr, cfg.run.dir, cfg.data.path, cfg.train.steps) == (1e-4, "0755", "on", 10)
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 3e-4\nrun:\n  dir: 0750\ndata:\n  path: off\n")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert (cfg.optim.lr, cfg.run.dir, cfg.data.path) == (3e-4, "0750", "off")
+    for override, message in [("optim.lr=-1e-3", "optim.lr must be positive"),
+                              ("optim.lr=.nan", "'optim.lr' expects float"),
+                              ("train.compile=on", "'train.compile' expects bool")]:
+        assert main(["pretrain", "mae-tiny", override]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
