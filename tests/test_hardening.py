@@ -119,6 +119,12 @@ def test_a_crafted_zero1_checkpoint_runs_no_code_on_export_or_universal_conversi
     assert trained <= set(whole)
     eng.to_universal(latest.path, tmp_path / "universal")
     assert any((tmp_path / "universal").rglob("fp32.pt"))
+    # DeepSpeed's own tool finds the newest checkpoint through the `latest` tag file, without -t
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+    convert_zero_checkpoint_to_fp32_state_dict(str(latest.path.parent), str(tmp_path / "fp32"))
+    converted = torch.load(tmp_path / "fp32" / "pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(converted[k], whole[k]) for k in trained)
     optim = next(latest.path.glob("*optim_states.pt"))
     plant(optim, marker)
     with pytest.raises(CheckpointError, match="refused to load"):
@@ -468,3 +474,15 @@ def test_config_values_are_read_as_written(tmp_path, capsys):
         assert main(["pretrain", "mae-tiny", override]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+# ---- logs that go to a file --------------------------------------------------------------------
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SSLMED_PROGRESS_SECONDS", "0")  # a line for every step
+    trained_run(tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("pretrain: ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"] and "loss=" in lines[-1]

@@ -130,9 +130,9 @@ def _write_all(jobs: list[tuple], outcomes: Iterator[Outcome], writer: WdsWriter
                on_error: str, total: int) -> VolumeError | None:
     """Write each prepared volume in input order. Returns the error to raise when `on_error` is 'fail'
     and an input failed (after what came before it is committed), else None."""
-    from tqdm import tqdm
+    from sslmed.progress import progress as progress_bar
 
-    progress = tqdm(total=total, initial=ledger.counts["skipped"], desc="pack", unit="vol", file=sys.stderr)
+    progress = progress_bar(total, initial=ledger.counts["skipped"], desc="pack", unit="vol")
     try:
         for (path, key, sample_tags), outcome in zip(jobs, outcomes, strict=False):
             progress.update(1)

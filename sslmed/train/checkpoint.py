@@ -31,6 +31,7 @@ from sslmed.config import Config, config_from_dict, save_config
 from sslmed.errors import CheckpointError, ConfigError, SslmedError
 
 MARKER = "complete"
+LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -225,6 +226,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, loader_state: dict, c
         write_atomic(tmp / MARKER, json.dumps(marker))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        # DeepSpeed's own tag file, so its tools (zero_to_fp32, ...) find the newest without `-t`
+        write_atomic(root / LATEST, final.name)
         prune(run_dir, cfg.checkpoint.keep)
     barrier()
     return final

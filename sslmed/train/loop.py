@@ -16,6 +16,7 @@ from tqdm import tqdm
 from sslmed.config import Config, save_config
 from sslmed.errors import DataError, SslmedError
 from sslmed.lock import DirectoryLock
+from sslmed.progress import progress
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
 from sslmed.train.logging import RunLogger, Throughput, peak_memory_mb
@@ -101,7 +102,7 @@ def train(cfg: Config, engine: eng.Engine, loader: Any, batches: Iterator[dict],
     info, steps, method = engine.info, cfg.train.steps, engine.module
     logger = RunLogger(run_dir, step) if info.rank == 0 else None
     meter = Throughput()
-    bar = tqdm(total=steps, initial=step, disable=info.rank != 0, desc="pretrain", dynamic_ncols=True)
+    bar = progress(steps, initial=step, disable=info.rank != 0, desc="pretrain", unit="step")
     try:
         while step < steps:
             lr = engine.lr()  # the rate this step uses; the schedule advances inside engine.step()
