@@ -35,8 +35,8 @@ class BusyError(SslmedError):
 class DirectoryLock:
     """`with DirectoryLock(dir, "sslmed pack"):` — exclusive, non-blocking; BusyError names the holder."""
 
-    def __init__(self, directory: str | Path, command: str) -> None:
-        self.directory, self.command = Path(directory), command
+    def __init__(self, directory: str | Path, command: str, what: str = "the output directory") -> None:
+        self.directory, self.command, self.what = Path(directory), command, what
         self.path = self.directory / LOCK_FILE
         self.fd: int | None = None
 
@@ -46,9 +46,14 @@ class DirectoryLock:
             raise BusyError(f"{self.directory} is in use by this process already")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise SslmedError(f"cannot create {self.what} {self.directory} ({reason})") from None
+        try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise SslmedError(f"{self.directory} is not writable ({exc.strerror or exc})") from None
+            reason = exc.strerror or exc
+            raise SslmedError(f"{self.what} {self.directory} is not writable ({reason})") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

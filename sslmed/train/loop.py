@@ -44,7 +44,7 @@ def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: Load
 @contextlib.contextmanager
 def hold_run_dir(run_dir: Path, rank: int) -> Iterator[None]:
     """Rank 0 holds run.dir's lock for the whole run; when it cannot, every rank raises the same error."""
-    lock = DirectoryLock(run_dir, "sslmed pretrain")
+    lock = DirectoryLock(run_dir, "sslmed pretrain", what="run.dir")
     failure = None
     if rank == 0:
         try:
