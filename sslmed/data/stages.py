@@ -89,10 +89,18 @@ class Cropper:
             crops = self.crops(item)
             if skip_first:
                 crops, skip_first = islice(crops, skip_first, None), 0
+            yield from self.counting_read_errors(item, crops)
+
+    def counting_read_errors(self, item: Streamed, crops: Iterator[dict]) -> Iterator[dict]:
+        """A lazily read (Zarr) volume fails when a crop reads a damaged chunk (checksum, codec): the
+        rest of that volume is a counted skip (fatal under data.strict), not a crash."""
+        try:
             yield from crops
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.skips.sample(item.sample.key, f"cannot read: {exc}")
 
     def crops(self, item: Streamed) -> Iterator[dict]:
-        cfg = self.cfg
+        cfg, size = self.cfg, self.cfg.crop_size
         rng = np.random.default_rng([self.seed, *self.stream, item.index])
         try:
             volume = item.sample.load()
@@ -105,26 +113,17 @@ class Cropper:
         # every plan (and so every random draw) is made up front: skipping crops cannot shift later ones
         plans = [self.plan(rng, foreground, shape) for _ in range(cfg.crops_per_volume)]
         for plan in plans:
-            try:
-                crop = self.crop(item, volume, plan)
-            except (ValueError, RuntimeError, OSError) as exc:  # a lazy (zarr) read: checksum, codec
-                self.skips.sample(item.sample.key, f"cannot read: {exc}")
-                return
+            crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
+                    "epoch": item.epoch, "start": plan["start"],
+                    "location": location(plan["start"], shape, size),
+                    "image": self.view(volume, plan["start"], plan["seeds"][0])}
+            if cfg.views == 2:
+                crop["image2"] = self.view(volume, plan["start2"], plan["seeds"][1])
+            if cfg.neighbour:
+                crop["neighbour"] = self.view(volume, plan["neighbour"], plan["seeds"][2])
+                crop["neighbour_location"] = location(plan["neighbour"], shape, size)
+                crop["neighbour_start"] = plan["neighbour"]
             yield crop
-
-    def crop(self, item: Streamed, volume: StoredVolume, plan: dict) -> dict:
-        cfg, size, shape = self.cfg, self.cfg.crop_size, volume.shape
-        crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
-                "epoch": item.epoch, "start": plan["start"],
-                "location": location(plan["start"], shape, size),
-                "image": self.view(volume, plan["start"], plan["seeds"][0])}
-        if cfg.views == 2:
-            crop["image2"] = self.view(volume, plan["start2"], plan["seeds"][1])
-        if cfg.neighbour:
-            crop["neighbour"] = self.view(volume, plan["neighbour"], plan["seeds"][2])
-            crop["neighbour_location"] = location(plan["neighbour"], shape, size)
-            crop["neighbour_start"] = plan["neighbour"]
-        return crop
 
     def plan(self, rng: np.random.Generator, foreground: Callable[[], np.ndarray],
              shape: tuple[int, int, int]) -> dict:
