@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a run's encoder to safetensors + json")
     export.add_argument("run")
     export.add_argument("--out", required=True)
+    export.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs classes beyond DeepSpeed's own "
+                        "(UNSAFE: may run code)")
 
     bench = sub.add_parser("bench", help="benchmarks (print a table and a key=value summary line)")
     bench.add_argument("name", choices=BENCHMARKS)
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from sslmed.train.checkpoint import export_run
 
-        export_run(args.run, args.out)
+        export_run(args.run, args.out, trust=args.trust_checkpoint)
         return 0
     if args.command == "bench":
         return run_benchmark(args.name, args.args)

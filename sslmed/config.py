@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +111,7 @@ class CheckpointConfig:
     every: int = 50
     keep: int = 2
     resume: str = "auto"  # auto | none | PATH
+    trust: bool = False  # load checkpoints that need classes beyond DeepSpeed's own (UNSAFE: may run code)
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Config:
             (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
             (self.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
             (self.train.log_every >= 1, "train.log_every must be at least 1"),
+            (self.optim.lr > 0, f"optim.lr must be positive, not {self.optim.lr}"),
             (self.optim.warmup_steps >= 0 and self.optim.grad_clip >= 0,
              "optim.warmup_steps and optim.grad_clip must be >= 0"),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be at least 1"),
@@ -218,7 +222,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     if name_or_path:
         path = resolve_config_path(name_or_path)
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
@@ -227,6 +231,31 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     apply_overrides(cfg, overrides)
     cfg.validate()
     return cfg
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.2's reading of plain scalars, which is what people expect of a config: only true/false
+    are booleans (`data.path=on` stays the path 'on'), numbers with a leading zero stay text
+    (`run.dir=0755` is not octal 493), and `1e-4` is a float (YAML 1.1 wants `1.0e-4`)."""
+
+
+_REPLACED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                                   list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds plain data only
 
 
 def merge_tree(cfg: Config, tree: dict, source: str = "config") -> None:
@@ -242,7 +271,11 @@ def apply_overrides(cfg: Config, overrides) -> None:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
-        set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", "command line")
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': not a valid value") from None
+        set_key(cfg, key.strip(), value, "command line")
 
 
 def set_key(cfg: Config, dotted: str, value: Any, source: str = "config") -> None:
@@ -301,11 +334,11 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             fail()
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             fail()
         return float(value)
     if hint is str:
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list, bool)) or value is None:  # `on`/`null` read as text is a guess
             fail()
         return str(value)
     if hint is Any:

@@ -13,7 +13,7 @@ from test_train import metrics, overrides, subprocess_env
 
 from sslmed import load_encoder
 from sslmed.cli import main
-from sslmed.config import load_config
+from sslmed.config import load_config, save_config
 from sslmed.errors import CheckpointError
 from sslmed.methods import build_method
 from sslmed.train import checkpoint as ckpt
@@ -133,9 +133,12 @@ def test_resume_choices(tmp_path):
     step = tmp_path / "checkpoints" / "step_3"
     step.mkdir(parents=True)
     (step / "complete").write_text(json.dumps({"step": 3, "world": 2, "zero_stage": 3}))
+    save_config(cfg, step / "config.yaml")
     assert ckpt.find_resume(cfg, tmp_path).step == 3
-    cfg.checkpoint.resume = "none"
-    assert ckpt.find_resume(cfg, tmp_path) is None
+    cfg.checkpoint.resume = "none"  # a new run would mix with this one's checkpoints
+    with pytest.raises(CheckpointError, match="already holds another run's checkpoints"):
+        ckpt.find_resume(cfg, tmp_path)
+    assert ckpt.find_resume(cfg, tmp_path / "elsewhere") is None
     cfg.checkpoint.resume = str(step)
     found = ckpt.find_resume(cfg, tmp_path)
     assert (found.step, found.world, found.zero_stage) == (3, 2, 3)

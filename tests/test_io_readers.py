@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 
 from sslmed.errors import VolumeError
+from sslmed.io.format import to_float
 from sslmed.io.manifest import iter_shard, load_manifest
 from sslmed.io.pack import pack
-from sslmed.io.preprocess import cast, cast_tolerance, preprocess, to_float
+from sslmed.io.preprocess import cast, cast_tolerance, preprocess
 from sslmed.io.readers import Volume, find_inputs, read_volume
 
 SHAPE = (10, 8, 6)  # (i, j, k): distinct sizes so a swapped axis cannot pass
+
+
+def as_float(stored: np.ndarray, meta: dict) -> np.ndarray:
+    return to_float(stored, meta["scale"], meta["offset"])
 
 
 def window(hu: np.ndarray) -> np.ndarray:
@@ -32,12 +37,12 @@ def read_packed(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
     if manifest["format"] == "wds":
         for entry in manifest["shards"]:
             for key, array, meta in iter_shard(out / entry["path"]):
-                samples[key] = (to_float(array, meta), meta)
+                samples[key] = (as_float(array, meta), meta)
     else:
         for entry in manifest["arrays"]:
             array = zarr.open_array(str(out / entry["path"]), mode="r")
             meta = dict(array.attrs)["sslmed"]
-            samples[entry["key"]] = (to_float(array[...], meta), meta)
+            samples[entry["key"]] = (as_float(array[...], meta), meta)
     return samples
 
 
@@ -132,7 +137,7 @@ def test_lps_volume_is_reoriented_like_nibabel_canonical(tmp_path):
     canonical = nib.as_closest_canonical(image)
     array, meta = preprocess(read_volume(tmp_path / "lps.nii.gz"), modality="ct", dtype="float16")
     reference = window(canonical.get_fdata())
-    np.testing.assert_allclose(to_float(array, meta), reference, atol=cast_tolerance("float16"))
+    np.testing.assert_allclose(as_float(array, meta), reference, atol=cast_tolerance("float16"))
     np.testing.assert_allclose(meta["affine"], canonical.affine, atol=1e-5)
 
 
@@ -144,7 +149,7 @@ def test_resampling_to_a_target_spacing(tmp_path):
     np.testing.assert_allclose(meta["spacing"], (2.0, 2.0, 3.0))
     # a linear ramp survives linear interpolation exactly: new voxel m sits at old voxel 2m
     expected = np.broadcast_to(window(20.0 * np.arange(11))[:, None, None], array.shape)
-    np.testing.assert_allclose(to_float(array, meta), expected, atol=cast_tolerance("int16") + 1e-6)
+    np.testing.assert_allclose(as_float(array, meta), expected, atol=cast_tolerance("int16") + 1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint8", "float16"])
@@ -165,7 +170,7 @@ def test_auto_modality_uses_the_intensity_range_when_no_header_says():
     array, meta = preprocess(mr, modality="mr", dtype="float16")
     lo, hi = np.percentile(mr.array, [0.5, 99.5])
     reference = np.clip((mr.array - lo) / (hi - lo), 0, 1)
-    np.testing.assert_allclose(to_float(array, meta), reference, atol=2e-3)
+    np.testing.assert_allclose(as_float(array, meta), reference, atol=2e-3)
 
 
 def test_foreground_crop_keeps_the_bright_box(tmp_path):

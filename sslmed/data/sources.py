@@ -7,11 +7,11 @@ the pipeline can walk past samples (to resume at a position) without decompressi
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import shlex
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,22 +19,35 @@ from typing import Any, Protocol
 import numpy as np
 import zarr
 import zarr.storage
-from numcodecs import blosc
 
 from sslmed.errors import DataError
-from sslmed.io.format import Span, map_span, read_span, tar_samples
+from sslmed.io.format import (
+    META_EXTENSION,
+    NPY_HEADER_LIMIT,
+    VOLUME_EXTENSIONS,
+    Span,
+    check_meta,
+    check_payload,
+    decode_volume,
+    is_shard_name,
+    map_span,
+    missing_files,
+    read_span,
+    tar_sample,
+    tar_samples,
+    to_float,
+    volume_member,
+)
 from sslmed.io.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = ("vol.npy", "vol.blosc")
-BLOSC_HEADER_BYTES = 16
-NPY_HEADER_LIMIT = 65536 + 10  # magic, version, length and the largest version-1 header dict
 
 
 @dataclass
-class Volume:
-    """A stored array (numpy, or a lazy zarr.Array) and the map back to normalised float32 intensity."""
+class StoredVolume:
+    """A packed volume as stored (numpy, or a lazy zarr.Array) with its scale and offset back to
+    normalised float32 intensity — unlike `sslmed.io.readers.Volume`, an input file's raw array."""
 
     array: Any  # anything sliceable like an ndarray: np.ndarray or zarr.Array (slicing reads only its chunks)
     scale: float
@@ -45,7 +58,7 @@ class Volume:
         return tuple(int(s) for s in self.array.shape)
 
     def read(self) -> np.ndarray:
-        return self.normalise(np.asarray(self.array[...]))
+        return to_float(np.asarray(self.array[...]), self.scale, self.offset)
 
     def read_crop(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
         """The crop [start, start + size), zero outside the volume; reads and converts only the overlap."""
@@ -58,20 +71,15 @@ class Volume:
         out = (np.empty if inside else np.zeros)(tuple(int(s) for s in size), dtype=np.float32)
         region = out[tuple(dst)]
         if region.size:
-            # two passes over the crop, no temporaries: int16 → float32 × scale, then + offset in place
-            np.multiply(self.array[tuple(src)], np.float32(self.scale), out=region, dtype=np.float32)
-            region += np.float32(self.offset)
+            to_float(self.array[tuple(src)], self.scale, self.offset, out=region)
         return out
-
-    def normalise(self, stored: np.ndarray) -> np.ndarray:
-        return stored.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)
 
 
 @dataclass
 class Sample:
     key: str
     meta: dict
-    load: Callable[[], Volume]  # decodes (tar) or opens lazily (zarr) on demand
+    load: Callable[[], StoredVolume]  # decodes (tar) or opens lazily (zarr) on demand
 
 
 @dataclass
@@ -95,6 +103,17 @@ class SkipCounter:
         log.warning("skipping corrupt sample %s: %s (%d sample(s) skipped so far)",
                     where, reason, self.samples)
 
+    def shortfall(self, where: str, read: int, listed: int | None, note: str = "") -> None:
+        """A unit that ended after fewer samples than the manifest lists: the missing ones are counted."""
+        if listed is None or read >= listed:
+            return
+        reason = f"ends after {read} of the {listed} samples the manifest lists (cut short?{note})"
+        if self.strict:
+            raise DataError(f"corrupt shard {where}: {reason} (data.strict=true)")
+        self.samples += listed - read
+        log.warning("shard %s %s: %d sample(s) missing (%d sample(s) skipped so far)",
+                    where, reason, listed - read, self.samples)
+
     def as_dict(self) -> dict[str, int]:
         return {"shards": self.shards, "samples": self.samples}
 
@@ -108,7 +127,7 @@ class PackedDataset(Protocol):
     def meta(self, key: str) -> dict: ...
     def read(self, key: str) -> np.ndarray: ...
     def read_crop(self, key: str, start: Sequence[int], size: Sequence[int]) -> np.ndarray: ...
-    def volume(self, key: str) -> Volume: ...
+    def volume(self, key: str) -> StoredVolume: ...
     def unit_size(self, unit: str) -> int | None: ...
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]: ...
 
@@ -130,64 +149,11 @@ def open_dataset(path: str | Path, shard_url: str = "") -> PackedDataset:
     return dataset
 
 
-# ---- payload decoding ----------------------------------------------------------------------------
-
-Buffer = bytes | np.ndarray  # a payload: bytes, or the uint8 array `read_span` fills
+# ---- payload decoding (the format's own decoder, shared with `verify`) --------------------------
 
 
-def npy_layout(data: Buffer) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    """(shape, dtype, fortran_order, header bytes) of `.npy` bytes, read from the header alone."""
-    stream = io.BytesIO(memoryview(data)[:NPY_HEADER_LIMIT])  # copies the header only
-    version = np.lib.format.read_magic(stream)
-    npy = np.lib.format
-    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-    shape, fortran, dtype = read_header(stream)  # parses a literal dict: no pickle involved
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed")
-    return shape, dtype, fortran, stream.tell()
-
-
-def check_payload(suffix: str, head: Buffer, length: int) -> None:
-    """Cheap structural check of a payload of `length` bytes from its first bytes `head` (headers and
-    lengths, no decompression), so truncation is caught before anything is decoded."""
-    head = memoryview(head)
-    if suffix == "vol.blosc":
-        cbytes = int.from_bytes(head[12:16], "little") if len(head) >= BLOSC_HEADER_BYTES else -1
-        if cbytes != length:
-            raise ValueError(f"blosc buffer of {length} bytes, header says {cbytes}")
-        return
-    shape, dtype, _, header = npy_layout(head)
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if length != expected:
-        raise ValueError(f".npy payload of {length} bytes, header implies {expected}")
-
-
-def volume_member(members: Iterable[str]) -> str:
-    """The suffix of a tar sample's volume member; ValueError when the sample lacks it or its metadata.
-    (Names starting with "__" are WebDataset's own bookkeeping, not members.)"""
-    names = sorted(name for name in members if not name.startswith("__"))
-    suffix = next((s for s in VOLUME_SUFFIXES if s in names), None)
-    if suffix is None or "meta.json" not in names:
-        raise ValueError(f"incomplete sample (members: {names})")
-    return suffix
-
-
-def decode_payload(suffix: str, data: Buffer) -> np.ndarray:
-    """The stored array, as a view of the (decompressed) `.npy` bytes: no extra copy."""
-    if suffix == "vol.blosc":
-        data = blosc.decompress(data)  # the codec is named in the blosc header
-    shape, dtype, fortran, header = npy_layout(data)
-    count = int(np.prod(shape))
-    if len(data) < header + count * dtype.itemsize:
-        raise ValueError(f".npy payload of {len(data)} bytes is too short for {shape} {dtype}")
-    if len(shape) != 3:
-        raise ValueError(f"array has {len(shape)} dimensions, expected 3")
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=header)
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def volume_from_meta(array: Any, meta: dict) -> Volume:
-    return Volume(array, float(meta.get("scale", 1.0)), float(meta.get("offset", 0.0)))
+def volume_from_meta(array: Any, meta: dict) -> StoredVolume:
+    return StoredVolume(array, float(meta.get("scale", 1.0)), float(meta.get("offset", 0.0)))
 
 
 # ---- WebDataset tar shards --------------------------------------------------------------------------
@@ -202,13 +168,13 @@ class TarDataset:
         self._shard_of = {key: shard["path"] for shard in self.shards for key in shard.get("keys", [])}
         self.keys = list(self._shard_of)
         self._spans: dict[str, dict[str, dict[str, Span]]] = {}  # shard → key → member spans
-        self._last: tuple[str, Volume] | None = None
+        self._last: tuple[str, StoredVolume] | None = None
 
     # random access
     def meta(self, key: str) -> dict:
         path, spans = self._sample_spans(key)
         try:
-            return json.loads(read_span(path, spans["meta.json"]).tobytes())
+            return json.loads(read_span(path, spans[META_EXTENSION]).tobytes())
         except KeyError:
             raise DataError(f"{path}: sample {key} has no meta.json member") from None
         except (OSError, ValueError) as exc:
@@ -220,20 +186,20 @@ class TarDataset:
     def read_crop(self, key: str, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
         return self.volume(key).read_crop(start, size)
 
-    def volume(self, key: str) -> Volume:
+    def volume(self, key: str) -> StoredVolume:
         """The decoded volume; the last one is kept, so many crops of one volume decode it once."""
         if self._last is None or self._last[0] != key:
             self._last = (key, self._decode(key))
         return self._last[1]
 
-    def _decode(self, key: str) -> Volume:
+    def _decode(self, key: str) -> StoredVolume:
         path, spans = self._sample_spans(key)
-        suffix = next((s for s in VOLUME_SUFFIXES if s in spans), None)
+        suffix = next((s for s in VOLUME_EXTENSIONS if s in spans), None)
         if suffix is None:
-            raise DataError(f"{path}: sample {key} has no {' or '.join(VOLUME_SUFFIXES)} member")
+            raise DataError(f"{path}: sample {key} has no {' or '.join(VOLUME_EXTENSIONS)} member")
         meta = self.meta(key)
         try:
-            return volume_from_meta(decode_payload(suffix, map_span(path, spans[suffix])), meta)
+            return volume_from_meta(decode_volume(suffix, map_span(path, spans[suffix])), meta)
         except (OSError, ValueError, RuntimeError) as exc:
             raise DataError(f"{path}: sample {key}: cannot decode ({exc})") from None
 
@@ -262,28 +228,33 @@ class TarDataset:
 
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]:
         """The shard's samples from its member headers; a payload is read only when a sample is loaded."""
-        path = self.root / unit
+        path, read = self.root / unit, 0
         try:
             for key, spans in tar_samples(path):
+                read += 1
                 sample = self._parse(path, key, spans, skips)
                 if sample is not None:
                     yield sample
         except (OSError, tarfile.TarError) as exc:
             skips.shard(str(path), f"{type(exc).__name__}: {exc}")
+            return
+        # a shard cut at a member boundary reads as a shorter, valid tar: only the manifest can tell
+        skips.shortfall(str(path), read, self._entry[unit].get("samples"), self._size_note(unit))
+
+    def _size_note(self, unit: str) -> str:
+        listed, path = self._entry[unit].get("bytes"), self.root / unit
+        size = path.stat().st_size if path.is_file() else None
+        return f"; the file is {size} bytes, the manifest says {listed}" if size != listed else ""
 
     def _parse(self, path: Path, key: str, spans: dict[str, Span], skips: SkipCounter) -> Sample | None:
         try:
-            suffix = volume_member(spans)
-            meta = json.loads(read_span(path, spans["meta.json"]).tobytes())
-            offset, length = spans[suffix]
-            check_payload(suffix, read_span(path, (offset, min(length, NPY_HEADER_LIMIT))), length)
+            meta, suffix, span = tar_sample(path, spans)
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             skips.sample(f"{path}:{key}", str(exc))
             return None
-        span = spans[suffix]
 
-        def load() -> Volume:
-            return volume_from_meta(decode_payload(suffix, map_span(path, span)), meta)
+        def load() -> StoredVolume:
+            return volume_from_meta(decode_volume(suffix, map_span(path, span)), meta)
 
         return Sample(key, meta, load)
 
@@ -300,41 +271,70 @@ class StreamedTarDataset(TarDataset):
     def url(self, unit: str) -> str:
         return self.shard_url.replace("{shard}", unit)
 
+    def open(self, unit: str) -> Any:
+        return open_shard_url(self.shard_url, unit)
+
     def unit_size(self, unit: str) -> int | None:
         entry = self._entry[unit]
         return int(entry["samples"]) if "samples" in entry else None
 
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]:
-        import webdataset
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        url = self.url(unit)
+        url, read = self.url(unit), 0
         try:
-            with webdataset.gopen(url) as stream:
+            with self.open(unit) as stream:
                 for members in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    read += 1
                     sample = self._parse_members(url, members, skips)
                     if sample is not None:
                         yield sample
         except (OSError, EOFError, tarfile.TarError, ValueError) as exc:  # unreachable, truncated, corrupt
             reason = exc.args[0] if exc.args else exc  # webdataset appends the stream and URL to the args
             skips.shard(url, f"{type(exc).__name__}: {reason}")
+            return
+        skips.shortfall(url, read, self._entry[unit].get("samples"))
 
     @staticmethod
     def _parse_members(url: str, members: dict, skips: SkipCounter) -> Sample | None:
         key = members["__key__"]
         try:
             suffix = volume_member(members)
-            meta = json.loads(members["meta.json"])
+            meta = check_meta(json.loads(members[META_EXTENSION]))
             payload = members[suffix]
-            check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload))
+            check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload), meta)
         except ValueError as exc:
             skips.sample(f"{url}:{key}", str(exc))
             return None
-        return Sample(key, meta, lambda: volume_from_meta(decode_payload(suffix, payload), meta))
+        return Sample(key, meta, lambda: volume_from_meta(decode_volume(suffix, payload), meta))
 
     def _sample_spans(self, key: str) -> tuple[Path, dict[str, Span]]:
         raise DataError(f"{self.root}: shards streamed from data.shard_url={self.shard_url!r} offer no "
                         "random access (sample metadata, whole volumes); mount or copy the shards")
+
+
+# A `pipe:` template containing any of these needs a shell (pipelines, redirections, expansions).
+SHELL_SYNTAX = set("|&;<>()$`\\*?[]~#!")
+
+
+def open_shard_url(template: str, shard: str) -> Any:
+    """A binary stream of `shard` from a WebDataset URL template. `pipe:` templates run as an argument
+    list (no shell) unless they use shell syntax; then the name goes in shell-quoted. The name must
+    also be one `pack` writes, so nothing a manifest says can reach a shell."""
+    import webdataset
+
+    if not is_shard_name(shard):
+        raise DataError(f"refusing to open shard {shard!r}: not a shard name (shard-NNNNNN.tar)")
+    if not template.startswith("pipe:"):
+        return webdataset.gopen(template.replace("{shard}", shard))
+    from webdataset.gopen import Pipe
+
+    command = template[len("pipe:"):]
+    if SHELL_SYNTAX.isdisjoint(command):
+        argv = [word.replace("{shard}", shard) for word in shlex.split(command)]
+        return Pipe(argv, mode="rb", shell=False, bufsize=8192, ignore_status=[141])
+    return Pipe(command.replace("{shard}", shlex.quote(shard)), mode="rb", shell=True, bufsize=8192,
+                ignore_status=[141])
 
 
 # ---- Zarr v3 store ----------------------------------------------------------------------------------
@@ -350,8 +350,9 @@ class ZarrDataset:
         self.root, self.manifest = root, manifest
         self.keys = [entry["key"] for entry in manifest.get("arrays", [])]
         self.units = list(self.keys)
+        self._entry = {entry["key"]: entry for entry in manifest.get("arrays", [])}
         self._group = None
-        self._last: tuple[str, Volume] | None = None
+        self._last: tuple[str, StoredVolume] | None = None
 
     @property
     def group(self) -> zarr.Group:
@@ -371,7 +372,7 @@ class ZarrDataset:
     def meta(self, key: str) -> dict:
         return dict(self._array(key).attrs.get("sslmed", {}))
 
-    def volume(self, key: str) -> Volume:
+    def volume(self, key: str) -> StoredVolume:
         """A lazy handle on the array; the last one is kept, so many crops of one volume open it once."""
         if self._last is None or self._last[0] != key:
             array = self._array(key)
@@ -390,7 +391,11 @@ class ZarrDataset:
     def samples(self, unit: str, skips: SkipCounter) -> Iterator[Sample]:
         try:
             array = self._array(unit)
-            meta = dict(array.attrs.get("sslmed", {}))
+            meta = check_meta(dict(array.attrs.get("sslmed", {})))
+            missing = missing_files(self.root / self._entry[unit]["path"], self._entry[unit].get("files", []))
+            if missing:
+                raise ValueError(f"{len(missing)} file(s) the manifest lists are missing ({missing[0]}, …): "
+                                 "they would read as zeros")
         except (DataError, ValueError, OSError) as exc:
             skips.sample(f"{self.root}/volumes.zarr/{unit}", str(exc))
             return

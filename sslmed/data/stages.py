@@ -24,7 +24,7 @@ from monai.transforms import (
 
 from sslmed.config import DataConfig
 from sslmed.data.roi import load_roi_centres, roi_centre
-from sslmed.data.sources import Sample, SkipCounter, Volume
+from sslmed.data.sources import Sample, SkipCounter, StoredVolume
 
 FOREGROUND_LEVEL = 0.1  # normalised intensity above which a voxel counts as foreground
 FOREGROUND_POINTS = 4096  # candidate centres kept per volume; enough for a uniform pick
@@ -70,7 +70,7 @@ def location(start: np.ndarray, shape: Sequence[int], size: int) -> np.ndarray:
     return ((start + size / 2) / np.asarray(shape, dtype=np.float64)).clip(0, 1).astype(np.float32)
 
 
-def foreground_points(volume: Volume, rng: np.random.Generator) -> np.ndarray:
+def foreground_points(volume: StoredVolume, rng: np.random.Generator) -> np.ndarray:
     points = np.argwhere(volume.read() > FOREGROUND_LEVEL)
     if len(points) > FOREGROUND_POINTS:
         points = points[rng.choice(len(points), FOREGROUND_POINTS, replace=False)]
@@ -91,7 +91,15 @@ class Cropper:
             crops = self.crops(item)
             if skip_first:
                 crops, skip_first = islice(crops, skip_first, None), 0
+            yield from self.counting_read_errors(item, crops)
+
+    def counting_read_errors(self, item: Streamed, crops: Iterator[dict]) -> Iterator[dict]:
+        """A lazily read (Zarr) volume fails when a crop reads a damaged chunk (checksum, codec): the
+        rest of that volume is a counted skip (fatal under data.strict), not a crash."""
+        try:
             yield from crops
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.skips.sample(item.sample.key, f"cannot read: {exc}")
 
     def crops(self, item: Streamed) -> Iterator[dict]:
         cfg, size = self.cfg, self.cfg.crop_size
@@ -142,7 +150,7 @@ class Cropper:
                 "neighbour": clip_start(start + shift_n, shape, size),
                 "seeds": [int(s) for s in rng.integers(0, 2**31 - 1, 3)]}
 
-    def view(self, volume: Volume, start: np.ndarray, seed: int) -> np.ndarray:
+    def view(self, volume: StoredVolume, start: np.ndarray, seed: int) -> np.ndarray:
         size = self.cfg.crop_size
         crop = volume.read_crop(start, (size, size, size))[None]
         if self.augment is None:

@@ -142,11 +142,12 @@ def _centre_crop_file(path: Path, size: int) -> np.ndarray:
     """A volume file normalised as `sslmed pack` does it, then centre-cropped/padded with MONAI."""
     from monai.transforms import ResizeWithPadOrCrop
 
-    from sslmed.io.preprocess import preprocess, to_float
+    from sslmed.io.format import to_float
+    from sslmed.io.preprocess import preprocess
     from sslmed.io.readers import read_volume
 
     if not path.exists():
         raise DataError(f"labels.csv names {path}, which does not exist")
     stored, meta = preprocess(read_volume(path), dtype="float16")
-    array = to_float(stored, meta)[None]
+    array = to_float(stored, meta["scale"], meta["offset"])[None]
     return np.asarray(ResizeWithPadOrCrop(spatial_size=(size, size, size))(array))[0]

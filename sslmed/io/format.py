@@ -8,15 +8,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-
-from sslmed.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,8 +27,25 @@ VOLUME_EXTENSIONS = ("vol.npy", "vol.blosc")  # tar member suffixes holding the 
 META_EXTENSION = "meta.json"
 
 
+SHARD_NAME = re.compile(r"shard-[0-9]{6}\.tar")  # what `shard_name` writes, and nothing else
+KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def is_shard_name(name: object) -> bool:
+    """True only for names `shard_name` writes: a manifest entry is substituted into paths and shard
+    URLs (`pipe:` commands), so nothing else may pass."""
+    return isinstance(name, str) and SHARD_NAME.fullmatch(name) is not None
+
+
+def is_array_path(path: object) -> bool:
+    """True only for `volumes.zarr/<key>` with a key of the format's own alphabet (no `..`, no `/`)."""
+    if not isinstance(path, str) or not path.startswith(f"{ZARR_STORE}/"):
+        return False
+    return KEY.fullmatch(path[len(ZARR_STORE) + 1:]) is not None
 
 
 def encode_volume(array: np.ndarray, codec: str) -> tuple[str, bytes]:
@@ -53,15 +70,79 @@ def encode_volume(array: np.ndarray, codec: str) -> tuple[str, bytes]:
         blosc.use_threads = threaded
 
 
-def decode_volume(extension: str, payload: bytes) -> np.ndarray:
-    """Inverse of `encode_volume`; never unpickles."""
-    if extension == "vol.blosc":
-        from numcodecs import Blosc
+Buffer = bytes | np.ndarray  # a payload: bytes, or the uint8 array `read_span` / `map_span` give
+BLOSC_HEADER_BYTES = 16
+NPY_HEADER_LIMIT = 65536 + 10  # magic, version, length and the largest version-1 header dict
 
-        payload = bytes(Blosc().decode(payload))
+
+def npy_layout(data: Buffer) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, header bytes) of `.npy` bytes, read from the header alone."""
+    stream = io.BytesIO(memoryview(data)[:NPY_HEADER_LIMIT])  # copies the header only
+    version = np.lib.format.read_magic(stream)
+    npy = np.lib.format
+    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream)  # parses a literal dict: no pickle involved
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    return shape, dtype, fortran, stream.tell()
+
+
+def check_payload(extension: str, head: Buffer, length: int, meta: dict) -> None:
+    """Cheap structural check of a payload of `length` bytes from its first bytes `head` (headers and
+    lengths, no decompression), so truncation is caught before anything is decoded, and a payload
+    that would decompress beyond what its metadata's shape and dtype need (a bomb) is never decoded."""
+    head = memoryview(head)
+    if extension == "vol.blosc":
+        cbytes = int.from_bytes(head[12:16], "little") if len(head) >= BLOSC_HEADER_BYTES else -1
+        if cbytes != length:
+            raise ValueError(f"blosc buffer of {length} bytes, header says {cbytes}")
+        nbytes = int.from_bytes(head[4:8], "little")
+        bound = NPY_HEADER_LIMIT + int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
+        if nbytes > bound:
+            raise ValueError(f"blosc buffer decompresses to {nbytes} bytes; its metadata "
+                             f"({meta['dtype']}{meta['shape']}) allows at most {bound}")
+        return
+    shape, dtype, _, header = npy_layout(head)
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if length != expected:
+        raise ValueError(f".npy payload of {length} bytes, header implies {expected}")
+
+
+def volume_member(members: Iterable[str]) -> str:
+    """The extension of a tar sample's volume member; ValueError when the sample lacks it or its
+    metadata. (Names starting with "__" are WebDataset's own bookkeeping, not members.)"""
+    names = sorted(name for name in members if not name.startswith("__"))
+    extension = next((e for e in VOLUME_EXTENSIONS if e in names), None)
+    if extension is None or META_EXTENSION not in names:
+        raise ValueError(f"incomplete sample (members: {names})")
+    return extension
+
+
+def decode_volume(extension: str, payload: Buffer) -> np.ndarray:
+    """Inverse of `encode_volume`: the stored 3-D array, a view of the (decompressed) `.npy` bytes
+    (no extra copy); never unpickles. ValueError on anything malformed."""
+    if extension == "vol.blosc":
+        from numcodecs import blosc
+
+        payload = blosc.decompress(payload)  # the codec is named in the blosc header
     elif extension != "vol.npy":
-        raise DataError(f"unknown volume member extension '{extension}'")
-    return np.load(io.BytesIO(payload), allow_pickle=False)
+        raise ValueError(f"unknown volume member extension '{extension}'")
+    shape, dtype, fortran, header = npy_layout(payload)
+    count = int(np.prod(shape))
+    if len(payload) < header + count * dtype.itemsize:
+        raise ValueError(f".npy payload of {len(payload)} bytes is too short for {shape} {dtype}")
+    if len(shape) != 3:
+        raise ValueError(f"array has {len(shape)} dimensions, expected 3")
+    flat = np.frombuffer(payload, dtype=dtype, count=count, offset=header)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def to_float(stored: np.ndarray, scale: float, offset: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored array → normalised float32 intensity, `stored * scale + offset` (into `out` if given):
+    two passes, no temporaries."""
+    out = np.multiply(stored, np.float32(scale), out=out, dtype=np.float32)
+    out += np.float32(offset)
+    return out
 
 
 Span = tuple[int, int]  # (byte offset, byte count) of a member's data inside its tar file
@@ -88,6 +169,38 @@ def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, Span]]]:
             key, spans[extension] = name, (member.offset_data, member.size)
         if spans:
             yield key, spans
+
+
+def check_meta(meta: object) -> dict:
+    """A sample's metadata, checked for what decoding relies on (shape, dtype, a finite scale and
+    offset); ValueError naming the first bad field."""
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(f"metadata shape is {shape!r}")
+    try:
+        numeric = isinstance(meta.get("dtype"), str) and np.dtype(meta["dtype"]).kind in "iuf"
+    except TypeError:
+        numeric = False
+    if not numeric:
+        raise ValueError(f"metadata dtype is {meta.get('dtype')!r}")
+    for field in ("scale", "offset"):
+        value = meta.get(field)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"metadata {field} is {value!r}")
+    return meta
+
+
+def tar_sample(path: Path, spans: dict[str, Span]) -> tuple[dict, str, Span]:
+    """One sample of a local tar shard, as both training and `verify` read it: its checked metadata
+    and the extension and span of its volume member, whose header is checked against its length
+    (nothing is decompressed). ValueError says what is wrong."""
+    extension = volume_member(spans)
+    meta = check_meta(json.loads(read_span(path, spans[META_EXTENSION]).tobytes()))
+    offset, length = spans[extension]
+    check_payload(extension, read_span(path, (offset, min(length, NPY_HEADER_LIMIT))), length, meta)
+    return meta, extension, spans[extension]
 
 
 def read_span(path: Path, span: Span) -> np.ndarray:
@@ -173,9 +286,19 @@ def zarr_layout(shape: tuple[int, ...], chunk: int) -> tuple[tuple[int, ...], tu
     return chunks, shards
 
 
-def zarr_compressors(codec: str):
+def zarr_compressors(codec: str) -> tuple:
+    """Blosc (unless 'none'), then a crc32c of each compressed chunk: zarr checks it on every read,
+    so a flipped byte fails the read instead of decoding to altered voxels (its cost was within
+    measurement noise of the loader's throughput)."""
     import zarr
 
+    checksum = zarr.codecs.Crc32cCodec()
     if codec == "none":
-        return None
-    return zarr.codecs.BloscCodec(cname=codec, clevel=5, shuffle="bitshuffle")
+        return (checksum,)
+    return (zarr.codecs.BloscCodec(cname=codec, clevel=5, shuffle="bitshuffle"), checksum)
+
+
+def missing_files(root: Path, listed: list[str]) -> list[str]:
+    """The files of a Zarr array that its manifest entry lists and the store lacks: zarr reads a missing
+    chunk or shard as zeros, so only this list tells a deleted one from an empty one."""
+    return [name for name in listed if not (Path(root) / name).is_file()]

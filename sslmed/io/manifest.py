@@ -12,12 +12,18 @@ import numpy as np
 
 from sslmed.errors import DataError
 from sslmed.io.format import (
+    CODECS,
     FORMAT_VERSION,
+    KEY,
     MANIFEST,
-    META_EXTENSION,
-    VOLUME_EXTENSIONS,
+    check_meta,
     decode_volume,
     file_sha256,
+    is_array_path,
+    is_shard_name,
+    map_span,
+    tar_sample,
+    tar_samples,
     tree_sha256,
 )
 
@@ -44,40 +50,89 @@ def load_manifest(directory: str | Path) -> dict:
     if missing or not valid_format or not isinstance(manifest.get(entries), list):
         raise DataError(f"{path}: not a valid manifest (missing {missing or [entries]}, format "
                         f"{manifest.get('format')!r})")
+    problem = _schema_problem(manifest, entries)
+    if problem:
+        raise DataError(f"{path}: invalid manifest: {problem}")
     if manifest["format_version"] > FORMAT_VERSION:
         raise DataError(f"{path}: format version {manifest['format_version']} is newer than this sslmed "
                         f"understands ({FORMAT_VERSION}); upgrade sslmed")
     return manifest
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _schema_problem(manifest: dict, entries: str) -> str | None:
+    """The first field of the manifest with a wrong type or value, named; None when all are right.
+    Entry paths are checked against the format's own naming rule because they are substituted into
+    file paths and shard URLs (a `pipe:` command): a name like `x.tar; rm -rf ~` must never get there."""
+    top = [(k, _is_count(manifest[k])) for k in ("format_version", "samples", "voxels", "bytes")]
+    top.append(("codec", manifest["codec"] in CODECS))
+    top.append(("preprocessing", isinstance(manifest["preprocessing"], dict)))
+    for field, ok in top:
+        if not ok:
+            return f"{field} is {manifest[field]!r}"
+    for index, entry in enumerate(manifest[entries]):
+        where = f"{entries}[{index}]"
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        checks = _shard_checks(entry) if entries == "shards" else _array_checks(entry)
+        for field, ok in checks:
+            if field not in entry:
+                return f"{where} has no '{field}'"
+            if not ok(entry[field]):
+                return f"{where}.{field} is {entry[field]!r}" + (
+                    " (not a shard name shard-NNNNNN.tar)" if (entries, field) == ("shards", "path") else "")
+        if entries == "arrays" and not _is_relative_list(entry.get("files", [])):
+            return f"{where}.files is not a list of relative paths inside the array"
+        if entries == "arrays" and entry["path"] != f"volumes.zarr/{entry['key']}":
+            return f"{where}.path {entry['path']!r} does not match its key {entry['key']!r}"
+        if entries == "shards" and len(entry["keys"]) != entry["samples"]:
+            return f"{where} lists {len(entry['keys'])} keys for {entry['samples']} samples"
+    return None
+
+
+def _is_relative_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, str) and v and not v.startswith("/") and ".." not in v.split("/") for v in value)
+
+
+def _is_key_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(k, str) and KEY.fullmatch(k) for k in value)
+
+
+def _shard_checks(entry: dict) -> list:
+    return [("path", is_shard_name), ("samples", _is_count), ("voxels", _is_count), ("bytes", _is_count),
+            ("sha256", _is_sha256), ("keys", _is_key_list)]
+
+
+def _array_checks(entry: dict) -> list:
+    def is_shape(v: object) -> bool:
+        return isinstance(v, list) and len(v) == 3 and all(_is_count(n) and n > 0 for n in v)
+
+    return [("key", lambda k: isinstance(k, str) and KEY.fullmatch(k) is not None), ("path", is_array_path),
+            ("shape", is_shape), ("voxels", _is_count), ("bytes", _is_count), ("sha256", _is_sha256)]
+
+
 def iter_shard(path: Path, *, decode: bool = True) -> Iterator[tuple[str, np.ndarray | None, dict]]:
-    """(key, array or None, metadata) for each sample of one tar shard, in order."""
-    with tarfile.open(path, "r:") as tar:
-        sample: dict[str, object] = {}
-        current = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            if key != current and sample:
-                yield _sample(current, sample, path)
-                sample = {}
-            current = key
-            if extension == META_EXTENSION or (decode and extension in VOLUME_EXTENSIONS):
-                sample[extension] = tar.extractfile(member).read()
-            elif extension in VOLUME_EXTENSIONS:
-                sample[extension] = None
-        if sample:
-            yield _sample(current, sample, path)
-
-
-def _sample(key: str, members: dict, path: Path) -> tuple[str, np.ndarray | None, dict]:
-    if META_EXTENSION not in members or not any(e in members for e in VOLUME_EXTENSIONS):
-        raise DataError(f"{path.name}: sample '{key}' lacks its array or metadata (has {sorted(members)})")
-    meta = json.loads(members[META_EXTENSION])
-    extension = next(e for e in VOLUME_EXTENSIONS if e in members)
-    payload = members[extension]
-    return key, (decode_volume(extension, payload) if payload is not None else None), meta
+    """(key, stored array or None, metadata) for each sample of one tar shard, in order — through the
+    same reader and decoder that training streams with (`tar_samples`, `tar_sample`, `decode_volume`).
+    DataError names the shard and sample on anything unreadable."""
+    try:
+        for key, spans in tar_samples(path):
+            try:
+                meta, extension, span = tar_sample(path, spans)
+                array = decode_volume(extension, map_span(path, span)) if decode else None
+            except (ValueError, RuntimeError) as exc:  # blosc raises RuntimeError on a corrupt buffer
+                raise DataError(f"{path.name}: sample '{key}': {exc}") from None
+            yield key, array, meta
+    except (OSError, tarfile.TarError) as exc:
+        raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
 
 
 def verify(directory: str | Path) -> list[str]:
@@ -135,7 +190,7 @@ def _verify_array(directory: Path, entry: dict) -> list[str]:
     try:
         array = zarr.open_array(str(root), mode="r")
         data = array[...]
-        meta = dict(array.attrs)["sslmed"]
+        meta = check_meta(dict(array.attrs)["sslmed"])
         if list(data.shape) != list(entry["shape"]) or list(meta["shape"]) != list(entry["shape"]):
             problems.append(f"{name}: shape {list(data.shape)} differs from the manifest {entry['shape']}")
     except Exception as exc:  # any decoding failure means a corrupt array; name it
@@ -155,7 +210,13 @@ def iter_metadata(directory: str | Path) -> Iterator[dict]:
         import zarr
 
         for entry in manifest["arrays"]:
-            yield dict(zarr.open_array(str(directory / entry["path"]), mode="r").attrs)["sslmed"]
+            try:
+                array = zarr.open_array(str(directory / entry["path"]), mode="r")
+                meta = check_meta(dict(array.attrs)["sslmed"])
+            except (OSError, KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
+                raise DataError(f"{directory / entry['path']}: unreadable array ({type(exc).__name__}: "
+                                f"{exc})") from None
+            yield meta
 
 
 def inspect(directory: str | Path) -> str:
@@ -171,24 +232,33 @@ def inspect(directory: str | Path) -> str:
              f"volumes     {len(metas)} in {len(entries)} {kind}; {manifest['voxels']:,} voxels; "
              f"{manifest['bytes'] / 1e6:,.1f} MB on disk ({raw_bytes / 1e6:,.1f} MB uncompressed)"]
     if metas:
-        shapes = np.array([m["shape"] for m in metas])
-        spacings = np.array([m["spacing"] for m in metas])
-        means = np.array([m["stats"]["mean"] for m in metas])
-        stds = np.array([m["stats"]["std"] for m in metas])
-        fg = np.array([m["foreground_fraction"] for m in metas])
-        lines += [
-            f"shape       min {'x'.join(map(str, shapes.min(0)))}  max {'x'.join(map(str, shapes.max(0)))}",
-            f"spacing mm  min {_triple(spacings.min(0))}  max {_triple(spacings.max(0))}",
-            f"intensity   mean {means.mean():.3f} (per-volume {means.min():.3f}–{means.max():.3f}), "
-            f"std {stds.mean():.3f}  [normalised]",
-            f"foreground  {fg.mean():.1%} of voxels on average",
-            f"modality    {_counts(m['modality'] for m in metas)}",
-        ]
-        tag_names = sorted({t for m in metas for t in m.get("tags", {})})
-        for tag in tag_names:
-            lines.append(f"tag {tag:<8}{_counts(m.get('tags', {}).get(tag, '-') for m in metas)}")
+        try:
+            lines += _summary(metas)
+        except (KeyError, TypeError, ValueError) as exc:  # metadata written by something else
+            raise DataError(f"{directory}: sample metadata lacks what inspect summarises ({exc!r})") from None
     lines.append(f"preprocess  {json.dumps(manifest['preprocessing'])}")
     return "\n".join(lines)
+
+
+def _summary(metas: list[dict]) -> list[str]:
+    """Shape, spacing, intensity, foreground, modality and tag summaries of sample metadata."""
+    shapes = np.array([m["shape"] for m in metas])
+    spacings = np.array([m["spacing"] for m in metas])
+    means = np.array([m["stats"]["mean"] for m in metas])
+    stds = np.array([m["stats"]["std"] for m in metas])
+    fg = np.array([m["foreground_fraction"] for m in metas])
+    lines = [
+        f"shape       min {'x'.join(map(str, shapes.min(0)))}  max {'x'.join(map(str, shapes.max(0)))}",
+        f"spacing mm  min {_triple(spacings.min(0))}  max {_triple(spacings.max(0))}",
+        f"intensity   mean {means.mean():.3f} (per-volume {means.min():.3f}–{means.max():.3f}), "
+        f"std {stds.mean():.3f}  [normalised]",
+        f"foreground  {fg.mean():.1%} of voxels on average",
+        f"modality    {_counts(m['modality'] for m in metas)}",
+    ]
+    tag_names = sorted({t for m in metas for t in m.get("tags", {})})
+    for tag in tag_names:
+        lines.append(f"tag {tag:<8}{_counts(m.get('tags', {}).get(tag, '-') for m in metas)}")
+    return lines
 
 
 def _triple(values: np.ndarray) -> str:

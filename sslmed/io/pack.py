@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import os
 import re
 import sys
 from collections import deque
@@ -28,10 +29,12 @@ from sslmed.io.format import CODECS, FORMAT_VERSION, MANIFEST, REPORT, write_jso
 from sslmed.io.preprocess import CT_WINDOW, DTYPES, MR_PERCENTILES, preprocess
 from sslmed.io.readers import find_inputs, read_volume, suffix_of
 from sslmed.io.writers import WdsWriter, ZarrWriter
+from sslmed.lock import holding_lock
 
 Outcome = tuple[np.ndarray, dict] | str  # (stored array, metadata) or the reason it failed
 
 
+@holding_lock("out", "sslmed pack")  # a second pack into the same --out is refused, naming this one
 def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
          spacing: tuple[float, float, float] | None = None, modality: str = "auto", dtype: str = "int16",
          shard_size: float = 512e6, workers: int = 1, on_error: str = "skip", tags: str | Path | None = None,
@@ -50,7 +53,11 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
                 "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
                 "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
     ledger = Ledger(out, _start_manifest(out, fmt, codec, settings))
-    paths = find_inputs(inputs)
+    refused: list[tuple[Path, str]] = []
+    paths = find_inputs(inputs, refused)
+    for path, reason in refused:  # symlink loops and cycles: reported, never followed
+        ledger.record(path, "skipped", reason, "")
+        print(f"sslmed pack: skipping {path}: {reason}", file=sys.stderr)
     if not paths:
         raise VolumeError(f"no input volumes found in {', '.join(str(p) for p in inputs)}")
     jobs = _plan(paths, ledger, read_tags(tags) if tags else None, tags)
@@ -62,7 +69,7 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
     else:
         writer = ZarrWriter(out, chunk=chunk, **common)
     stopped = _write_all(jobs, _outcomes([job[0] for job in jobs], options, workers), writer, ledger,
-                         on_error, total=len(paths))
+                         on_error, total=len(paths) + len(refused))
     writer.finish()
     ledger.commit()
     if stopped is not None:
@@ -123,9 +130,9 @@ def _write_all(jobs: list[tuple], outcomes: Iterator[Outcome], writer: WdsWriter
                on_error: str, total: int) -> VolumeError | None:
     """Write each prepared volume in input order. Returns the error to raise when `on_error` is 'fail'
     and an input failed (after what came before it is committed), else None."""
-    from tqdm import tqdm
+    from sslmed.progress import progress as progress_bar
 
-    progress = tqdm(total=total, initial=ledger.counts["skipped"], desc="pack", unit="vol", file=sys.stderr)
+    progress = progress_bar(total, initial=ledger.counts["skipped"], desc="pack", unit="vol")
     try:
         for (path, key, sample_tags), outcome in zip(jobs, outcomes, strict=False):
             progress.update(1)
@@ -200,29 +207,66 @@ def _outcomes(paths: list[Path], options: dict, workers: int) -> Iterator[Outcom
     # it; forking this process could copy threads (zarr's event loop, OpenMP) in a locked state
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["sslmed.io.pack", "torch", "monai.transforms", "monai.data"])
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(os.getpid(),))
     queue = iter(paths)
-    in_flight = deque((path, pool.submit(prepare, path, options)) for path in islice(queue, 2 * workers))
+    in_flight: deque = deque()
+    path = None
     try:
+        # a dead worker breaks the pool: result() and any later submit() raise BrokenProcessPool
+        in_flight.extend((p, pool.submit(prepare, p, options)) for p in islice(queue, 2 * workers))
         while in_flight:
             path, future = in_flight.popleft()
-            try:
-                outcome = future.result()
-            except BrokenProcessPool as exc:
-                raise SslmedError(f"a worker process died while reading {path} (out of memory?); "
-                                  "try fewer --workers") from exc
+            outcome = future.result()
             following = next(queue, None)
             if following is not None:
                 in_flight.append((following, pool.submit(prepare, following, options)))
             yield outcome
+    except BrokenProcessPool:
+        raise SslmedError(f"a worker process died while reading {path} (out of memory?); "
+                          "try fewer --workers") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _init_worker() -> None:
+def _init_worker(pack_pid: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core already; more threads only contend
+    exit_with(pack_pid)
+
+
+def exit_with(pid: int) -> None:
+    """End this worker the moment process `pid` (the pack that started it) is gone, even by kill -9.
+    A worker's parent is the forkserver, which itself waits for its workers, and a busy worker only
+    notices its closed task pipe after the volume at hand: without this it keeps running (and its
+    gigabytes) for as long as that volume takes."""
+    import os
+    import select
+    import threading
+    import time
+
+    def watch() -> None:
+        try:
+            select.select([os.pidfd_open(pid)], [], [])  # readable when the process exits (Linux >= 5.3)
+        except (AttributeError, OSError):
+            while _running(pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-pack", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare(path: Path, options: dict) -> Outcome:

@@ -98,8 +98,3 @@ def cast_tolerance(dtype: str) -> float:
     """Largest |stored * scale + offset - normalised| a cast to `dtype` can introduce on [0, 1]."""
     levels = DTYPES[dtype]
     return 0.5 / levels if levels else 2.0**-11
-
-
-def to_float(stored: np.ndarray, meta: dict) -> np.ndarray:
-    """Stored array + its metadata → normalised float32 intensity."""
-    return stored.astype(np.float32) * np.float32(meta["scale"]) + np.float32(meta["offset"])

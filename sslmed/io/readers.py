@@ -6,8 +6,9 @@ Every failure — unreadable, truncated, wrong dimensionality, non-finite values
 
 from __future__ import annotations
 
-import gzip
+import errno
 import json
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +133,11 @@ def _read_nifti(path: Path, max_voxels: int) -> Volume:
     _check_size(image.shape, path, max_voxels)
     if path.name.lower().endswith(".gz"):
         # nibabel stops reading at the end of the data and never checks the gzip CRC, so a corrupted
-        # stream could load as wrong voxels; decompress it whole (CRC checked) and read from memory
-        raw = gzip.decompress(path.read_bytes())
+        # stream could load as wrong voxels; decompress it whole (CRC checked) and read from memory —
+        # but never past what the header declares: a small file can expand to gigabytes
+        data_bytes = int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+        declared = int(image.header["vox_offset"]) + data_bytes
+        raw = gunzip_bounded(path, max(declared, 540) + GZIP_SLACK_BYTES)
         sizeof_hdr = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
         image = (nib.Nifti2Image if 540 in sizeof_hdr else nib.Nifti1Image).from_bytes(raw)
     array = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
@@ -141,6 +145,35 @@ def _read_nifti(path: Path, max_voxels: int) -> Volume:
     zooms = image.header.get_zooms()[:3]
     spacing = tuple(float(z) for z in zooms) if len(zooms) == 3 else spacing_of(affine)
     return Volume(array, spacing, affine, "unknown", {"format": "nifti"})
+
+
+GZIP_SLACK_BYTES = 1 << 16  # writers may pad after the data; a bomb is gigabytes, not kilobytes
+
+
+def gunzip_bounded(path: Path, limit: int) -> bytes:
+    """The gzip file's contents (every member, CRCs checked); VolumeError as soon as they would
+    exceed `limit` bytes, so memory stays bounded by what the header declares."""
+    out, total, inflate = [], 0, None
+    with open(path, "rb") as handle:
+        data = b""
+        while True:
+            data = data or handle.read(1 << 20)
+            if not data:
+                break
+            inflate = inflate or zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+            piece = inflate.decompress(data, limit + 1 - total)
+            total += len(piece)
+            if total > limit:
+                raise VolumeError(f"{path}: decompresses beyond the {limit} bytes its header declares "
+                                  "(a decompression bomb, or a damaged file)")
+            out.append(piece)
+            if inflate.eof:  # a gzip member ends (its CRC checked); another may follow
+                data, inflate = inflate.unused_data, None
+            else:
+                data = inflate.unconsumed_tail
+    if inflate is not None:
+        raise VolumeError(f"{path}: cannot read (truncated gzip stream)")
+    return b"".join(out)
 
 
 # --- NRRD ----------------------------------------------------------------------------------------
@@ -196,7 +229,8 @@ def _read_numpy(path: Path, max_voxels: int) -> Volume:
             name = next((n for n in ("array", "image") if n in names), names[0] if len(names) == 1 else None)
             if name is None:
                 raise VolumeError(f"{path}: .npz holds {names}; expected one array or a key 'array'/'image'")
-            _check_size(archive[name].shape, path, max_voxels)
+            with archive.zip.open(f"{name}.npy") as member:  # the header alone, before any data
+                _check_size(npy_header_shape(member), path, max_voxels)
             array = archive[name]
     sidecar = _read_sidecar(path)
     if "affine" in sidecar:
@@ -206,6 +240,12 @@ def _read_numpy(path: Path, max_voxels: int) -> Volume:
     modality = str(sidecar.get("modality", "unknown")).lower()
     return Volume(array, spacing_of(affine), affine, modality if modality in ("ct", "mr") else "unknown",
                   {"format": suffix_of(path)[1:]})
+
+
+def npy_header_shape(stream) -> tuple[int, ...]:
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(stream)[0]
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -308,17 +348,27 @@ def _rescaled(dataset) -> np.ndarray:
 
 # --- discovery -----------------------------------------------------------------------------------
 
-def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
+Refused = list[tuple[Path, str]]  # (path, why it is not an input): symlink loops and cycles
+
+
+def find_inputs(paths: Iterable[str | Path], refused: Refused | None = None) -> list[Path]:
     """Expand folders into inputs, searched recursively for supported files.
 
     A folder holding DICOM slices is itself one input (a series) and a .dcm file stands for its folder;
     packed datasets (a folder with a manifest.json) are skipped. Other paths given explicitly are kept as
-    they are (even if missing or unsupported) so they are reported, not silently dropped."""
+    they are (even if missing or unsupported) so they are reported, not silently dropped. Symlinks that
+    loop, and folder symlinks back into a folder already walked (`up -> ..`), are not followed: each is
+    appended to `refused` with the reason, so the walk ends and the caller can report them."""
+    refused = [] if refused is None else refused
     found: list[Path] = []
+    walked: set[tuple[int, int]] = set()  # (device, inode) of every folder entered
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            found.extend(_expand(path))
+        problem = symlink_problem(path)
+        if problem:
+            refused.append((path, problem))
+        elif path.is_dir():
+            found.extend(_expand(path, walked, refused))
         else:
             found.append(path.parent if path.suffix.lower() == ".dcm" and path.is_file() else path)
     unique: dict[Path, Path] = {}  # the same file named twice (relative and absolute) is one input
@@ -327,13 +377,35 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _expand(folder: Path) -> list[Path]:
+def symlink_problem(path: Path) -> str | None:
+    """'symlink loop' when following `path` never ends; None otherwise (a dangling link is an input that
+    fails to read, and is reported as such)."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "symlink loop"
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else None
+    return None
+
+
+def _expand(folder: Path, walked: set[tuple[int, int]], refused: Refused) -> list[Path]:
     if (folder / "manifest.json").is_file():
         return []  # a packed dataset (e.g. --out inside the input folder) is output, not input
+    info = folder.stat()
+    if (info.st_dev, info.st_ino) in walked:
+        refused.append((folder, "folder symlink into a folder already walked (a cycle or a duplicate)"))
+        return []
+    walked.add((info.st_dev, info.st_ino))
     inputs: list[Path] = [folder] if dicom_files(folder) else []
     for child in sorted(folder.iterdir()):
-        if child.is_dir():
-            inputs.extend(_expand(child))
+        problem = symlink_problem(child)
+        if problem:
+            refused.append((child, problem))
+        elif child.is_dir():
+            inputs.extend(_expand(child, walked, refused))
         elif suffix_of(child) in SUPPORTED_SUFFIXES:
             inputs.append(child)
     return inputs

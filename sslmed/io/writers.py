@@ -17,6 +17,7 @@ from sslmed.io.format import (
     file_sha256,
     shard_name,
     tree_bytes,
+    tree_files,
     tree_sha256,
     zarr_compressors,
     zarr_layout,
@@ -101,9 +102,10 @@ class ZarrWriter:
                                          fill_value=0, attributes={"sslmed": meta}, overwrite=True)
         stored[...] = array
         root = self.out / ZARR_STORE / key
+        files = [f.relative_to(root).as_posix() for f in tree_files(root)]
         self.entries.append({"key": key, "path": f"{ZARR_STORE}/{key}", "shape": list(array.shape),
                              "voxels": int(array.size), "bytes": tree_bytes(root),
-                             "sha256": tree_sha256(root), "source": source})
+                             "sha256": tree_sha256(root), "files": files, "source": source})
         self.uncommitted += 1
         if self.uncommitted >= ZARR_COMMIT_EVERY:
             self.finish()

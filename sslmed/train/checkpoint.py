@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sslmed.config import Config, config_from_dict, save_config
 from sslmed.errors import CheckpointError, ConfigError, SslmedError
 
 MARKER = "complete"
+LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -75,13 +77,55 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
 
 
 def find_resume(cfg: Config, run_dir: Path) -> Checkpoint | None:
-    """`checkpoint.resume`: auto (latest complete one in this run, if any), none, or a checkpoint path."""
+    """`checkpoint.resume`: auto (the newest complete checkpoint of this run that loads, if any), none,
+    or a checkpoint path. A new run (none, or another run's checkpoint) is refused in a run.dir that
+    holds checkpoints: they would outrank its own, which pruning would then delete as they are written."""
     choice = cfg.checkpoint.resume
-    if choice == "none":
-        return None
     if choice == "auto":
-        found = complete_checkpoints(run_dir)
-        return found[-1] if found else None
+        return newest_loadable(complete_checkpoints(run_dir), cfg.checkpoint.trust)
+    chosen = None if choice == "none" else explicit_checkpoint(choice)
+    existing = complete_checkpoints(run_dir)
+    if existing and (chosen is None or chosen.path.parent.resolve() != checkpoints_dir(run_dir).resolve()):
+        raise CheckpointError(f"run.dir {run_dir} already holds another run's checkpoints (newest "
+                              f"{existing[-1].path}); continue it with checkpoint.resume=auto, or start "
+                              f"this run in a new run.dir (or move {checkpoints_dir(run_dir)} away first)")
+    return chosen
+
+
+def newest_loadable(found: list[Checkpoint], trust: bool) -> Checkpoint | None:
+    """The newest checkpoint whose files all load; each one skipped is reported with its reason, so a
+    requeued job whose last checkpoint was damaged continues from the one before."""
+    reasons = []
+    for candidate in reversed(found):
+        reason = unloadable_reason(candidate, trust)
+        if reason is None:
+            return candidate
+        print(f"sslmed: warning: skipping checkpoint {candidate.path}: {reason}", file=sys.stderr)
+        reasons.append(f"{candidate.path.name}: {reason}")
+    if reasons:
+        raise CheckpointError(f"no loadable checkpoint in {found[0].path.parent} ({'; '.join(reasons)})")
+    return None
+
+
+def unloadable_reason(candidate: Checkpoint, trust: bool) -> str | None:
+    """Why a checkpoint's files cannot be loaded (config, engine states, extras), or None. Only the
+    pickled structure is read (tensors are memory-mapped), through the same restricted loader as
+    the resume itself."""
+    from sslmed.train.engine import safe_checkpoint_loads
+
+    try:
+        load_saved_config(candidate.path)
+        with safe_checkpoint_loads(trust):
+            for state in sorted(candidate.path.glob("*.pt")) + sorted(candidate.path.glob("extras/*.pt")):
+                torch.load(state, map_location="cpu", mmap=True, weights_only=not trust)
+    except CheckpointError as exc:
+        return str(exc)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:  # truncated or garbled files
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def explicit_checkpoint(choice: str) -> Checkpoint:
     path = Path(choice)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.resume: no checkpoint directory '{choice}'")
@@ -106,7 +150,7 @@ def check_compatible(ckpt: Checkpoint, cfg: Config, zero_stage: int) -> None:
             old, new = vars(getattr(saved, section)), vars(getattr(cfg, section))
             diff = ", ".join(f"{section}.{k}: {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
             raise CheckpointError(f"checkpoint {ckpt.path} was trained with a different {section} "
-                                  f"configuration ({diff}); use checkpoint.resume=none or a new run.dir")
+                                  f"configuration ({diff}); start the new configuration in a new run.dir")
 
 
 def load_saved_config(path: Path) -> Config:
@@ -182,6 +226,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, loader_state: dict, c
         write_atomic(tmp / MARKER, json.dumps(marker))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        # DeepSpeed's own tag file, so its tools (zero_to_fp32, ...) find the newest without `-t`
+        write_atomic(root / LATEST, final.name)
         prune(run_dir, cfg.checkpoint.keep)
     barrier()
     return final
@@ -222,7 +268,7 @@ def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
         if needs_universal(ckpt, world):
             directory = ckpt.path / "universal"
             if rank == 0 and not (directory / MARKER).is_file():
-                to_universal(ckpt.path, directory)
+                to_universal(ckpt.path, directory, trust=engine.trust_checkpoints)
                 write_atomic(directory / MARKER, "{}")
             barrier()
             engine.load(directory, ckpt.tag)
@@ -274,8 +320,9 @@ def encoder_meta(cfg: Config) -> dict[str, Any]:
     return meta
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
-    """The latest complete checkpoint of a run → exported encoder (consolidated fp32 weights)."""
+def export_run(run_dir: str | Path, out: str | Path, trust: bool = False) -> Path:
+    """The latest complete checkpoint of a run → exported encoder (consolidated fp32 weights). The
+    checkpoint's own config never decides `trust`: only the caller does."""
     from sslmed.methods import build_method
     from sslmed.train.engine import consolidated_state_dict
 
@@ -285,7 +332,13 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     ckpt = found[-1]
     cfg = load_saved_config(ckpt.path)
     method = build_method(cfg)
-    state = consolidated_state_dict(ckpt.path.parent, ckpt.tag, ckpt.zero_stage)
+    try:
+        state = consolidated_state_dict(ckpt.path.parent, ckpt.tag, ckpt.zero_stage, trust=trust)
+    except SslmedError:
+        raise
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as exc:  # truncated or garbled files
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{ckpt.path}: unreadable checkpoint ({type(exc).__name__}: {first})") from None
     try:
         method.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:

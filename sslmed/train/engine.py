@@ -10,6 +10,8 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from sslmed.config import Config
-from sslmed.errors import ConfigError
+from sslmed.errors import CheckpointError, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -221,6 +223,7 @@ class Engine:
         self.zero_stage = zero_stage
         self.own_norm = zero_stage == 0 and dtype == torch.float32
         self._norm: float | None = None
+        self.trust_checkpoints = False  # checkpoint.trust: load checkpoints that need arbitrary classes
 
     @property
     def module(self) -> torch.nn.Module:
@@ -281,8 +284,9 @@ class Engine:
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        with safe_checkpoint_loads(trust=self.trust_checkpoints):
+            path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(Path(directory) / tag)
         # The optimizer state brings back the rate its last step set; recompute it from the restored
@@ -311,7 +315,9 @@ def build_engine(cfg: Config, method: torch.nn.Module, info: DistInfo, universal
     if cfg.train.compile:
         ds_engine.compile()
     stage = int(ds_config["zero_optimization"].get("stage", 0))
-    return Engine(ds_engine, info, DTYPES[precision], stage)
+    engine = Engine(ds_engine, info, DTYPES[precision], stage)
+    engine.trust_checkpoints = cfg.checkpoint.trust
+    return engine
 
 
 def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -324,8 +330,56 @@ def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 # ---- checkpoint formats -------------------------------------------------------------------------
 
+# The only classes (besides tensors and plain containers) in the state files DeepSpeed writes for
+# sslmed's runs, ZeRO 0-3, fp32/bf16/fp16; everything else in a pickle is refused.
+DEEPSPEED_STATE_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
-def to_universal(checkpoint_dir: Path, out: Path) -> None:
+
+def _allowed_classes() -> list[type]:
+    import importlib
+
+    classes = []
+    for name in DEEPSPEED_STATE_CLASSES:
+        module, _, attr = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attr))
+    return classes
+
+
+@contextlib.contextmanager
+def safe_checkpoint_loads(trust: bool = False) -> Iterator[None]:
+    """Every `torch.load` made inside (DeepSpeed's own included: it passes weights_only=False) loads
+    with weights_only=True and DeepSpeed's few state classes allowed, so a crafted checkpoint cannot
+    run code; a file that needs anything else is refused naming the class. `trust` (checkpoint.trust)
+    restores DeepSpeed's unrestricted loading, for a user's own checkpoints from other tools."""
+    if trust:
+        yield
+        return
+    unrestricted, allowed = torch.load, _allowed_classes()
+
+    def restricted(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return unrestricted(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"[^\n]*(?:GLOBAL|Unsupported)[^\n]*", str(exc))
+            reason = found.group(0) if found else "not a plain state file"
+            raise CheckpointError(f"{f}: refused to load: {reason} (it could run code; "
+                                  "checkpoint.trust=true loads it anyway, unsafe)") from None
+
+    torch.load = restricted
+    try:
+        yield
+    finally:
+        torch.load = unrestricted
+
+
+def to_universal(checkpoint_dir: Path, out: Path, trust: bool = False) -> None:
     """Re-slice a ZeRO checkpoint so that any number of ranks can load it (DeepSpeed universal format,
     written to `out/<tag>`, loaded by an engine built with `universal=True`)."""
     from argparse import Namespace
@@ -336,18 +390,20 @@ def to_universal(checkpoint_dir: Path, out: Path) -> None:
     args = Namespace(input_folder=str(checkpoint_dir), output_folder=str(tmp / checkpoint_dir.name),
                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                      inject_missing_state=True)
-    with contextlib.redirect_stdout(None):
+    with contextlib.redirect_stdout(None), safe_checkpoint_loads(trust):
         ds_to_universal.main(args)
     os.replace(tmp, out)
 
 
-def consolidated_state_dict(directory: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(directory: Path, tag: str, zero_stage: int, trust: bool = False
+                            ) -> dict[str, torch.Tensor]:
     """The full module state dict of a saved engine, in fp32 where ZeRO kept fp32 master weights.
     (ZeRO shards are read by DeepSpeed's own consolidation utility.)"""
-    if zero_stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with safe_checkpoint_loads(trust):
+        if zero_stage >= 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
-    state = torch.load(Path(directory) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=True)
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
+        state = torch.load(Path(directory) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=not trust)
     return dict(state["module"])

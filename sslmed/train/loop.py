@@ -14,7 +14,9 @@ from torch import nn
 from tqdm import tqdm
 
 from sslmed.config import Config, save_config
-from sslmed.errors import DataError
+from sslmed.errors import DataError, SslmedError
+from sslmed.lock import DirectoryLock
+from sslmed.progress import progress
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
 from sslmed.train.logging import RunLogger, Throughput, peak_memory_mb
@@ -35,12 +37,36 @@ def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: Load
     """`pretrain` with the method and loader factories passed in (any nn.Module / loader that follow
     docs/architecture.md)."""
     info = eng.init_distributed()
+    with hold_run_dir(Path(cfg.run.dir), info.rank):
+        return pretrain_holding_run_dir(cfg, info, build_method, build_loader)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, rank: int) -> Iterator[None]:
+    """Rank 0 holds run.dir's lock for the whole run; when it cannot, every rank raises the same error."""
+    lock = DirectoryLock(run_dir, "sslmed pretrain", what="run.dir")
+    failure = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except SslmedError as exc:
+            failure = str(exc)
+    failure = eng.broadcast_object(failure)
+    if failure is not None:
+        raise SslmedError(failure)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def pretrain_holding_run_dir(cfg: Config, info: eng.DistInfo, build_method: MethodFactory,
+                             build_loader: LoaderFactory) -> Path:
     run_dir = Path(cfg.run.dir)
     resume = eng.broadcast_object(ckpt.find_resume(cfg, run_dir) if info.rank == 0 else None)
     if resume is not None:
         ckpt.check_compatible(resume, cfg, eng.zero_stage(cfg, info.world))
     if info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
     ckpt.seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -76,7 +102,7 @@ def train(cfg: Config, engine: eng.Engine, loader: Any, batches: Iterator[dict],
     info, steps, method = engine.info, cfg.train.steps, engine.module
     logger = RunLogger(run_dir, step) if info.rank == 0 else None
     meter = Throughput()
-    bar = tqdm(total=steps, initial=step, disable=info.rank != 0, desc="pretrain", dynamic_ncols=True)
+    bar = progress(steps, initial=step, disable=info.rank != 0, desc="pretrain", unit="step")
     try:
         while step < steps:
             lr = engine.lr()  # the rate this step uses; the schedule advances inside engine.step()
