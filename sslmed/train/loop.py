@@ -17,6 +17,7 @@ from sslmed.config import Config, save_config
 from sslmed.errors import DataError
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
+from sslmed.train import watchdog
 from sslmed.train.logging import RunLogger, Throughput, peak_memory_mb
 
 MethodFactory = Callable[[Config], nn.Module]
@@ -28,7 +29,8 @@ def pretrain(cfg: Config) -> Path:
     from sslmed.data.pipeline import build_loader
     from sslmed.methods import build_method
 
-    return run_pretraining(cfg, build_method, build_loader)
+    with watchdog.watch_peers(cfg):
+        return run_pretraining(cfg, build_method, build_loader)
 
 
 def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: LoaderFactory) -> Path:
@@ -79,6 +81,7 @@ def train(cfg: Config, engine: eng.Engine, loader: Any, batches: Iterator[dict],
     bar = tqdm(total=steps, initial=step, disable=info.rank != 0, desc="pretrain", dynamic_ncols=True)
     try:
         while step < steps:
+            watchdog.note_step(step + 1)
             lr = engine.lr()  # the rate this step uses; the schedule advances inside engine.step()
             terms = accumulate(engine, batches, meter, cfg.train.grad_accum)
             step += 1
