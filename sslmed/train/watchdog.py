@@ -49,20 +49,29 @@ def ring_neighbours(rank: int, world: int) -> list[int]:
 
 
 class Heartbeat:
-    """The daemon thread described in the module docstring; `stop()` ends it after a normal finish."""
+    """Two daemon threads: one talks to the store (and may block there, when the store's host is
+    gone), the other only compares clocks, so that a blocked store call never delays the verdict."""
 
     def __init__(self, store: dist.Store, rank: int, world: int, timeout: float, store_addr: str):
         self.store, self.rank, self.timeout = store, rank, timeout
         self.interval = heartbeat_interval(timeout)
         self.store_addr = store_addr
         self.peers = ring_neighbours(rank, world)
+        now = time.monotonic()
+        self._beats = dict.fromkeys(self.peers, 0)  # the neighbours' counters as last read
+        self._heard = dict.fromkeys(self.peers, now)  # when each counter last moved
+        self._hosts = dict.fromkeys(self.peers, "unknown")
+        self._done: set[int] = set()  # neighbours that finished normally
+        self._store_answered = now
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sslmed-heartbeat", daemon=True)
+        self._threads = [threading.Thread(target=target, name=f"sslmed-{name}", daemon=True)
+                         for name, target in (("heartbeat", self._beat), ("peer-judge", self._judge))]
 
     def start(self) -> None:
         self.store.set(f"host/{self.rank}", socket.gethostname())
         self.store.add(f"beat/{self.rank}", 1)
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, finished: bool) -> None:
         """A rank that finished says so, so that its neighbours do not mistake its silence for a loss
@@ -71,39 +80,49 @@ class Heartbeat:
         if finished:
             with contextlib.suppress(Exception):
                 self.store.set(f"done/{self.rank}", "1")
-        self._thread.join()
 
-    def _run(self) -> None:
-        last_seen = {peer: (-1, time.monotonic()) for peer in self.peers}
-        store_answered = time.monotonic()
+    def peers_alive(self) -> bool:
+        """After a collective failed: True once every neighbour has beaten twice more (the failure was
+        not a lost peer); a lost one never does, and the judge ends the process within the timeout."""
+        start = dict(self._beats)
+        deadline = time.monotonic() + self.timeout + 3 * self.interval
+        while time.monotonic() < deadline:
+            if all(self._beats[peer] >= start[peer] + 2 for peer in self.peers):
+                return True
+            time.sleep(self.interval / 4)
+        return False
+
+    def _beat(self) -> None:
         while not self._stopped.wait(self.interval):
-            now = time.monotonic()
-            try:
+            with contextlib.suppress(Exception):  # an unreachable store: the judge counts its silence
                 self.store.add(f"beat/{self.rank}", 1)
-                beats = {peer: self._beats_of(peer) for peer in self.peers}
-                done = {peer for peer in self.peers if self.store.check([f"done/{peer}"])}
-            except Exception:  # the store's host is unreachable: a timeout, a reset, a refusal
-                if now - store_answered >= self.timeout and not self._stopped.is_set():
-                    self._lost(f"the rendezvous store at {self.store_addr}", now - store_answered)
-                continue
-            store_answered = now
-            for peer, count in beats.items():
-                previous, since = last_seen[peer]
-                if count != previous:
-                    last_seen[peer] = (count, now)
-                elif now - since >= self.timeout and peer not in done and not self._stopped.is_set():
-                    self._lost(f"rank {peer} (host {self._host_of(peer)})", now - since)
+                for peer in self.peers:
+                    self._read_peer(peer)
+                self._store_answered = time.monotonic()
 
-    def _beats_of(self, peer: int) -> int:
-        key = f"beat/{peer}"
-        return int(self.store.get(key)) if self.store.check([key]) else 0
+    def _read_peer(self, peer: int) -> None:
+        if not self.store.check([f"beat/{peer}"]):
+            return  # not started yet
+        count = int(self.store.get(f"beat/{peer}"))
+        if count != self._beats[peer]:
+            if self._hosts[peer] == "unknown":
+                self._hosts[peer] = self.store.get(f"host/{peer}").decode()
+            self._beats[peer], self._heard[peer] = count, time.monotonic()
+        if self.store.check([f"done/{peer}"]):
+            self._done.add(peer)
 
-    def _host_of(self, peer: int) -> str:
-        with contextlib.suppress(Exception):
-            return self.store.get(f"host/{peer}").decode()
-        return "unknown"
+    def _judge(self) -> None:
+        while not self._stopped.wait(self.interval / 2):
+            now = time.monotonic()
+            if now - self._store_answered >= self.timeout:
+                self._lost(f"the rendezvous store at {self.store_addr}", now - self._store_answered)
+            for peer in self.peers:
+                if now - self._heard[peer] >= self.timeout and peer not in self._done:
+                    self._lost(f"rank {peer} (host {self._hosts[peer]})", now - self._heard[peer])
 
     def _lost(self, who: str, silence: float) -> None:
+        if self._stopped.is_set():
+            return
         # The main thread may be blocked inside a collective that will never return: leave from here.
         print(f"sslmed: error: lost {who} during step {_step_in_progress}: no heartbeat for "
               f"{silence:.0f} s (train.peer_timeout={self.timeout:g}); stopping this rank, relaunch to "
@@ -140,12 +159,11 @@ def watch_peers(cfg: Config) -> Iterator[None]:
     try:
         yield
         finished = True
-    except dist.DistError:
-        if beat is None:
-            raise
-        # A peer's connection broke under a collective. If the peer is gone, its heartbeat stops and
-        # the thread names it and ends the process; otherwise this was some other failure.
-        time.sleep(beat.timeout + 2 * beat.interval)
+    except RuntimeError:  # what gloo raises when a peer's connection breaks under a collective
+        # If the peer is gone, its heartbeat stops and the thread names it and ends the process;
+        # if every neighbour still beats, this was some other failure, reported as it is.
+        if beat is not None:
+            beat.peers_alive()
         raise
     finally:
         if beat is not None:
