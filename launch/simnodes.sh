@@ -7,6 +7,7 @@
 #   launch/simnodes.sh up NAME              nodes NAME-0 (10.77.0.1) and NAME-1 (10.77.0.2)
 #   launch/simnodes.sh exec NAME N CMD...   run CMD on node N (interface `simnet`, hostname NAME-N)
 #   launch/simnodes.sh cut NAME N           take node N's link down (what a crashed host looks like)
+#   launch/simnodes.sh heal NAME N          bring node N's link back up
 #   launch/simnodes.sh kill NAME N          SIGKILL every process of node N
 #   launch/simnodes.sh down NAME            kill every process on both nodes, delete both namespaces
 #   launch/simnodes.sh check NAME           exit 1 (naming it) if a namespace or process of NAME is left
@@ -23,7 +24,7 @@ set -euo pipefail
 SUBNET=${SIMNODES_SUBNET:-10.77.0}  # private to the namespaces: nothing outside them is contacted
 IFNAME=simnet
 
-usage() { sed -n '2,12p' "$0" >&2; exit 2; }
+usage() { sed -n '2,14p' "$0" >&2; exit 2; }
 die() { echo "simnodes: $*" >&2; exit 2; }
 
 node_ns() {  # NAME N → the namespace of node N
@@ -68,7 +69,7 @@ kill_node() {
 }
 
 down() {
-  local name=$1 n pids
+  local name=$1 n pids status=0
   for n in 0 1; do
     ip netns list | grep -q "^$name-$n\b" || continue
     # processes keep a namespace alive; kill until none is left (children may be mid-fork)
@@ -78,9 +79,13 @@ down() {
       kill -9 $pids 2>/dev/null || true
       sleep 0.2
     done
+    if [[ -n "$pids" ]]; then  # keep the name, so that `check` reports what survived
+      echo "simnodes: processes $pids on $name-$n survive SIGKILL" >&2; status=1; continue
+    fi
     ip netns del "$name-$n"  # the veth pair goes with its namespaces
   done
   rm -rf "/etc/netns/$name-0" "/etc/netns/$name-1"
+  return $status
 }
 
 check() {
@@ -101,6 +106,7 @@ case "$command" in
   up) up "$1" ;;
   exec) [[ $# -ge 2 ]] || usage; exec_on "$@" ;;
   cut) ip -n "$(node_ns "$1" "$2")" link set "$IFNAME" down ;;
+  heal) ip -n "$(node_ns "$1" "$2")" link set "$IFNAME" up ;;
   kill) [[ $# -eq 2 ]] || usage; kill_node "$1" "$2" ;;
   down) down "$1" ;;
   check) check "$1" ;;

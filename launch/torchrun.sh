@@ -15,6 +15,15 @@ fi
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
+if (( NNODES > 1 && MAX_RESTARTS > 0 )); then
+  # torchrun's c10d rendezvous (served by the agent on MASTER_ADDR): when a worker fails, every node's
+  # agent restarts its workers together (under the static rendezvous each node restarts on its own and
+  # the nodes miss each other). Ranks are given in joining order; all state is on shared storage.
+  rendezvous=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-sslmed}")
+else
+  # static rendezvous: nothing to tear down, so a node that lost its peer exits at once
+  rendezvous=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+fi
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-  --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  --max_restarts "$MAX_RESTARTS" -m sslmed pretrain "$@"
+  --nproc_per_node "$NPROC_PER_NODE" "${rendezvous[@]}" --max_restarts "$MAX_RESTARTS" \
+  -m sslmed pretrain "$@"
