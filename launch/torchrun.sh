@@ -4,8 +4,8 @@
 # Multi-node: run the same command on every node with NNODES, NODE_RANK, MASTER_ADDR set, e.g.
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node-001 launch/torchrun.sh mae-base run.dir=/shared/runs/mae
 # Optional: SOCKET_IFNAME (the interface that reaches the other nodes, for gloo and NCCL), MAX_RESTARTS
-# (torchrun restarts every node's workers this many times after a failure; they resume from the last
-# checkpoint), PYTHON (the interpreter that has sslmed installed; default: python on PATH).
+# (torchrun restarts the node's workers this many times after one fails; they resume from the last
+# checkpoint: see launch/README.md for where that helps), PYTHON (the interpreter that has sslmed installed; default: python on PATH).
 set -euo pipefail
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
 : "${MAX_RESTARTS:=0}" "${PYTHON:=python}"
@@ -15,15 +15,6 @@ fi
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
-if (( NNODES > 1 && MAX_RESTARTS > 0 )); then
-  # torchrun's c10d rendezvous (served by the agent on MASTER_ADDR): when a worker fails, every node's
-  # agent restarts its workers together (under the static rendezvous each node restarts on its own and
-  # the nodes miss each other). Ranks are given in joining order; all state is on shared storage.
-  rendezvous=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-sslmed}")
-else
-  # static rendezvous: nothing to tear down, so a node that lost its peer exits at once
-  rendezvous=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-fi
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-  --nproc_per_node "$NPROC_PER_NODE" "${rendezvous[@]}" --max_restarts "$MAX_RESTARTS" \
+  --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts "$MAX_RESTARTS" \
   -m sslmed pretrain "$@"

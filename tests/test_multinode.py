@@ -62,8 +62,8 @@ def nodes(tmp_path):
 
 def torchrun_on(name: str, node: int, args: list[str], log: Path, **extra: str) -> subprocess.Popen:
     """launch/torchrun.sh on one node, as launch/README.md tells a user to run it on each node."""
-    env = launch_env(NNODES="2", NODE_RANK=str(node), MASTER_ADDR=MASTER, NPROC_PER_NODE="1",
-                     SOCKET_IFNAME="simnet", **extra)
+    env = launch_env(**{"NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": MASTER,
+                        "NPROC_PER_NODE": "1", "SOCKET_IFNAME": "simnet", **extra})
     return subprocess.Popen(["bash", str(SIMNODES), "exec", name, str(node), "bash",
                              str(REPO / "launch" / "torchrun.sh"), "mae-tiny", *args],
                             env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -126,9 +126,9 @@ def test_two_nodes_survive_losing_a_node_and_resume_bit_identically(nodes, packe
     """torchrun, 2 nodes × 1 rank, shards streamed through a `pipe:` URL: (1) node 1 is killed
     (kill -9 of all its processes) → node 0 stops within the bound, naming the lost rank; (2) the
     relaunch resumes, then node 0 — the rendezvous host — vanishes (link down, then kill) → node 1
-    stops within the bound; (3) the relaunch with MAX_RESTARTS=1 resumes, a worker is killed and torchrun
-    restarts both nodes' workers, which resume again. The finished run's losses are the one-node run's,
-    bit for bit (fp32, CPU)."""
+    stops within the bound; (3) the relaunch (both ranks on node 0, MAX_RESTARTS=1) resumes, a worker
+    is killed and torchrun restarts the node's workers, which resume again. The finished run's losses
+    are the one-node run's, bit for bit (fp32, CPU)."""
     run = tmp_path / "run"
     args = overrides(packed_wds, run, *SCHEDULE, f"data.shard_url=pipe:cat {packed_wds}/{{shard}}")
     logs = [[tmp_path / f"launch{i}-node{n}.log" for n in (0, 1)] for i in range(3)]
@@ -152,13 +152,13 @@ def test_two_nodes_survive_losing_a_node_and_resume_bit_identically(nodes, packe
     procs[0].wait()
     simnodes("heal", nodes, "0")
 
-    # (3) resume under torchrun --max-restarts: a worker dies, the job recovers by itself
-    procs = [torchrun_on(nodes, n, args, logs[2][n], MAX_RESTARTS="1") for n in (0, 1)]
-    wait_for_checkpoint(run, 6, procs, logs[2])
-    for pid in worker_pids(nodes, 1):
-        os.kill(pid, 9)
-    for proc, log in zip(procs, logs[2], strict=True):
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    # (3) resume with both ranks on node 0 under torchrun --max-restarts: a worker dies, the job
+    # recovers by itself (the same two ranks: still bit for bit)
+    proc = torchrun_on(nodes, 0, args, logs[2][0], NNODES="1", NPROC_PER_NODE="2", MAX_RESTARTS="1")
+    wait_for_checkpoint(run, 6, [proc], logs[2][:1])
+    os.kill(worker_pids(nodes, 0)[0], 9)
+    assert proc.wait(timeout=600) == 0, logs[2][0].read_text()[-3000:]
+    assert logs[2][0].read_text().count("resumed from ") == 2  # the relaunch, then torchrun's restart
 
     print(f"survivor exit after the loss: kill -9 {killed:.1f} s, vanished {vanished:.1f} s "
           f"(train.peer_timeout={PEER_TIMEOUT})")
@@ -219,3 +219,44 @@ def test_deepspeed_launcher_over_ssh_on_two_nodes(nodes, ssh_into_nodes, packed_
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert f"{nodes}-1: " in done.stdout + done.stderr  # pdsh prefixes what each host prints
     assert [r["loss"] for r in metrics(run)] == one_node_reference
+
+
+def recorded_command(tmp_path: Path, script: list[str], env: dict[str, str], tag: str
+                     ) -> dict[str, list[str]]:
+    """Run a launch script with PYTHON replaced by a recorder: the command line each node would run."""
+    recorder = tmp_path / "python"
+    recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD_DIR/node$NODE_RANK"\n')
+    recorder.chmod(0o755)
+    out = tmp_path / tag
+    out.mkdir()
+    done = subprocess.run(["bash", *script], env={**env, "PYTHON": str(recorder), "RECORD_DIR": str(out)},
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return {p.name: p.read_text().splitlines() for p in sorted(out.iterdir())}
+
+
+def test_slurm_script_runs_the_torchrun_command_of_a_manual_launch(tmp_path):
+    """No SLURM controller here: `scontrol` and `srun` are stand-ins that name two hosts and start the
+    task once per node, as SLURM would; each node's command equals that of launch/torchrun.sh run by hand
+    on that node (the command the two-node tests run)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-017\\ngpu-018\\n'\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
+                                  'for node in 0 1; do SLURM_NODEID=$node "$@" || exit $?; done\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    args = ["mae-tiny", "run.dir=/shared/run", "data.path=/shared/data"]
+    slurm_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCHER": "torchrun",
+                 "SLURM_JOB_NODELIST": "gpu-[017-018]", "SLURM_NNODES": "2",
+                 "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": str(REPO)}
+    sbatch = [str(REPO / "launch" / "slurm.sbatch"), *args]
+    from_slurm = recorded_command(tmp_path, sbatch, slurm_env, "slurm")
+    assert sorted(from_slurm) == ["node0", "node1"]
+    for node in (0, 1):
+        by_hand = recorded_command(tmp_path, [str(REPO / "launch" / "torchrun.sh"), *args], {
+            **os.environ, "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "gpu-017",
+            "NPROC_PER_NODE": "8"}, f"hand{node}")
+        assert from_slurm[f"node{node}"] == by_hand[f"node{node}"]
+    assert from_slurm["node0"][:2] == ["-m", "torch.distributed.run"]
+    assert "gpu-017:29500" in from_slurm["node0"] and from_slurm["node0"][-4:] == ["pretrain", *args]
