@@ -80,6 +80,10 @@ class Heartbeat:
         if finished:
             with contextlib.suppress(Exception):
                 self.store.set(f"done/{self.rank}", "1")
+        # Let a store call in flight return before the interpreter exits (a thread inside C++ at exit
+        # aborts the process); a store that no longer answers is not waited for beyond its timeout.
+        for thread in self._threads:
+            thread.join(timeout=2 * self.interval)
 
     def peers_alive(self) -> bool:
         """After a collective failed: True once every neighbour has beaten twice more (the failure was
