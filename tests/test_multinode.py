@@ -126,8 +126,8 @@ def test_two_nodes_survive_losing_a_node_and_resume_bit_identically(nodes, packe
     """torchrun, 2 nodes × 1 rank, shards streamed through a `pipe:` URL: (1) node 1 is killed
     (kill -9 of all its processes) → node 0 stops within the bound, naming the lost rank; (2) the
     relaunch resumes, then node 0 — the rendezvous host — vanishes (link down, then kill) → node 1
-    stops within the bound; (3) the relaunch (both ranks on node 0, MAX_RESTARTS=1) resumes, a worker
-    is killed and torchrun restarts the node's workers, which resume again. The finished run's losses
+    stops within the bound; (3) the relaunch with MAX_RESTARTS=1 resumes, a worker on node 1 is killed
+    and torchrun restarts both nodes' workers, which resume again. The finished run's losses
     are the one-node run's, bit for bit (fp32, CPU)."""
     run = tmp_path / "run"
     args = overrides(packed_wds, run, *SCHEDULE, f"data.shard_url=pipe:cat {packed_wds}/{{shard}}")
@@ -152,12 +152,12 @@ def test_two_nodes_survive_losing_a_node_and_resume_bit_identically(nodes, packe
     procs[0].wait()
     simnodes("heal", nodes, "0")
 
-    # (3) resume with both ranks on node 0 under torchrun --max-restarts: a worker dies, the job
-    # recovers by itself (the same two ranks: still bit for bit)
-    proc = torchrun_on(nodes, 0, args, logs[2][0], NNODES="1", NPROC_PER_NODE="2", MAX_RESTARTS="1")
-    wait_for_checkpoint(run, 6, [proc], logs[2][:1])
-    os.kill(worker_pids(nodes, 0)[0], 9)
-    assert proc.wait(timeout=600) == 0, logs[2][0].read_text()[-3000:]
+    # (3) resume under torchrun --max-restarts: a worker dies, the job recovers by itself
+    procs = [torchrun_on(nodes, n, args, logs[2][n], MAX_RESTARTS="1") for n in (0, 1)]
+    wait_for_checkpoint(run, 6, procs, logs[2])
+    os.kill(worker_pids(nodes, 1)[0], 9)
+    for proc, log in zip(procs, logs[2], strict=True):
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert logs[2][0].read_text().count("resumed from ") == 2  # the relaunch, then torchrun's restart
 
     print(f"survivor exit after the loss: kill -9 {killed:.1f} s, vanished {vanished:.1f} s "
