@@ -25,7 +25,7 @@ demo: venv
 	$(BIN)/sslmed demo
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 bench: venv
 	$(BIN)/sslmed bench loader --quick

@@ -104,6 +104,7 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 1
     ds_config: str = ""  # a user ds_config JSON whose keys override the generated ones
+    peer_timeout: float = 60.0  # s of silence from a peer rank before this rank stops (0: never)
 
 
 @dataclass
@@ -181,6 +182,7 @@ class Config:
             (self.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
             (self.train.log_every >= 1, "train.log_every must be at least 1"),
             (self.optim.lr > 0, f"optim.lr must be positive, not {self.optim.lr}"),
+            (self.train.peer_timeout >= 0, "train.peer_timeout must be >= 0 (0 switches it off)"),
             (self.optim.warmup_steps >= 0 and self.optim.grad_clip >= 0,
              "optim.warmup_steps and optim.grad_clip must be >= 0"),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be at least 1"),

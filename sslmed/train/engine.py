@@ -28,6 +28,7 @@ from sslmed.config import Config
 from sslmed.errors import CheckpointError, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)  # the last resort behind the heartbeat (watchdog.py)
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,23 @@ def init_distributed() -> DistInfo:
         alone = {} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0,
                                      "world_size": 1}
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed's engine asserts it is set
+        if launched and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            join_torchrun_attempt(backend)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(minutes=30), **alone)
+                                   timeout=PROCESS_GROUP_TIMEOUT, **alone)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def join_torchrun_attempt(backend: str) -> None:
+    """The process group of this torchrun attempt, in keys of its own. torchrun's agent store outlives
+    the workers it restarts (`--max-restarts`); without a fresh key space, a restarted rank reads the
+    addresses its predecessors left there and fails to connect (torch 2.13, gloo). Every node's
+    workers fail once per incident (the heartbeat ends the survivors), so their restart counts agree."""
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=PROCESS_GROUP_TIMEOUT)
+    store = dist.PrefixStore(f"sslmed/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", client)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def barrier() -> None:

@@ -19,6 +19,7 @@ from sslmed.lock import DirectoryLock
 from sslmed.progress import progress
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
+from sslmed.train import watchdog
 from sslmed.train.logging import RunLogger, Throughput, peak_memory_mb
 
 MethodFactory = Callable[[Config], nn.Module]
@@ -30,7 +31,8 @@ def pretrain(cfg: Config) -> Path:
     from sslmed.data.pipeline import build_loader
     from sslmed.methods import build_method
 
-    return run_pretraining(cfg, build_method, build_loader)
+    with watchdog.watch_peers(cfg):
+        return run_pretraining(cfg, build_method, build_loader)
 
 
 def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: LoaderFactory) -> Path:
@@ -105,6 +107,7 @@ def train(cfg: Config, engine: eng.Engine, loader: Any, batches: Iterator[dict],
     bar = progress(steps, initial=step, disable=info.rank != 0, desc="pretrain", unit="step")
     try:
         while step < steps:
+            watchdog.note_step(step + 1)
             lr = engine.lr()  # the rate this step uses; the schedule advances inside engine.step()
             terms = accumulate(engine, batches, meter, cfg.train.grad_accum)
             step += 1
