@@ -76,13 +76,16 @@ def pack_on_ray(jobs: list[tuple], ledger: Ledger, options: dict, layout: dict, 
 
 
 def plan_tasks(sizes: list[int], slots: int) -> list[range]:
-    """Contiguous runs of the inputs: each closes at TASK_VOLUMES inputs or at the byte target, which
-    is TASK_BYTES or less, so that `slots` workers get TASKS_PER_SLOT tasks each."""
-    target = min(TASK_BYTES, sum(sizes) / (TASKS_PER_SLOT * slots))
+    """Contiguous runs of the inputs, each closed at TASK_VOLUMES inputs and TASK_BYTES bytes, or
+    sooner when the inputs are few: then at 1/(TASKS_PER_SLOT × slots) of their count or bytes, so that
+    each of `slots` workers gets about TASKS_PER_SLOT tasks."""
+    spread = TASKS_PER_SLOT * slots
+    max_bytes = min(TASK_BYTES, sum(sizes) / spread)
+    max_volumes = min(TASK_VOLUMES, -(-len(sizes) // spread))
     tasks, start, held = [], 0, 0
     for index, size in enumerate(sizes):
         held += size
-        if held >= target or index + 1 - start >= TASK_VOLUMES:
+        if held >= max_bytes or index + 1 - start >= max_volumes:
             tasks.append(range(start, index + 1))
             start, held = index + 1, 0
     if start < len(sizes):

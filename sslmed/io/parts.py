@@ -137,7 +137,7 @@ def _finished_parts(directory: Path) -> dict[int, dict]:
     foreign = [i for i in found if (records[i]["count"], records[i]["input_list_sha256"]) != split
                or _settings(found[i]) != settings]
     if foreign:
-        raise DataError(f"{directory}: parts {_names(foreign)} belong to another split than part {first} "
+        raise DataError(f"{directory}: part(s) {_names(foreign)} belong to another split than part {first} "
                         "(another N, input list, format or preprocessing)")
     count = split[0]
     missing = [i for i in range(count) if i not in found]
