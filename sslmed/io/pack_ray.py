@@ -5,9 +5,10 @@ inputs already packed), then cuts them into tasks of up to TASK_VOLUMES inputs a
 bytes, smaller when the inputs are few, so that every worker gets several. A task reads, preprocesses
 and writes its inputs with pack's own per-volume path into a staging folder `DIR/.task-<id>.tmp/` on
 the shared output storage; when all are written it renames its shards (tar) or arrays (Zarr) into DIR
-and returns their manifest entries and the fate of each input. The driver lists a task's output in
-manifest.json (atomically) and report.jsonl as soon as the task returns, so an interrupted run leaves
-a valid dataset and a re-run packs only what is missing. Output of a failed attempt is never listed.
+and returns their manifest entries and the fate of each input. The driver lists finished tasks' output
+in manifest.json (atomically) and report.jsonl as they return (at most every COMMIT_EVERY_S seconds),
+so an interrupted run leaves a valid dataset and a re-run packs only what is missing. Output of a
+failed attempt is never listed.
 
 Ray does placement and recovery: a task whose worker dies or that raises is retried up to
 TASK_RETRIES times, then every input of the task is reported failed with the error. A bad volume is
@@ -20,6 +21,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from functools import partial
 from hashlib import sha256
@@ -36,6 +38,7 @@ TASK_VOLUMES = 256  # inputs per task at most: minutes of work, a small loss whe
 TASK_BYTES = 16e9  # input bytes per task at most
 TASKS_PER_SLOT = 4  # with few inputs, cut tasks small enough that every worker gets this many
 TASK_RETRIES = 3  # Ray retries a task this often (worker lost, or an exception) before giving up
+COMMIT_EVERY_S = 30.0  # manifest rewrites at most this often (it grows to megabytes at 10⁵ volumes)
 OBJECT_STORE_BYTES = 128 * 2**20  # tasks exchange only paths and manifest entries
 CONNECT_TIMEOUT_S = 10.0
 
@@ -106,6 +109,7 @@ def _run_tasks(tasks: list[list[tuple]], ledger: Ledger, out: Path, options: dic
                for i, task in enumerate(tasks)}
     first_new, finished = len(ledger.entries), {}
     progress = progress_bar(total, ledger.counts["skipped"])
+    committed = -COMMIT_EVERY_S
     try:
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -116,7 +120,9 @@ def _run_tasks(tasks: list[list[tuple]], ledger: Ledger, out: Path, options: dic
             ledger.entries[first_new:] = [e for i in sorted(finished) for e in finished[i]]
             for (path, key, _), (status, reason) in zip(tasks[index], outcomes, strict=True):
                 ledger.record(path, status, reason, key)
-            ledger.commit()
+            if time.monotonic() - committed >= COMMIT_EVERY_S:
+                ledger.commit()
+                committed = time.monotonic()
             progress.update(len(tasks[index]))
             failure = next((reason for status, reason in outcomes if status == "failed"), None)
             if failure is not None and on_error == "fail":
@@ -124,6 +130,7 @@ def _run_tasks(tasks: list[list[tuple]], ledger: Ledger, out: Path, options: dic
     finally:
         progress.close()
         _cancel(pending, tasks, out)
+        ledger.commit()  # whatever finished, also when the driver is interrupted
     return None
 
 
@@ -217,8 +224,9 @@ def ray_session(address: str):
     temp_dir = None
     if address == "local":
         temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Unix socket paths live under it
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-                 _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+                 object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp_dir, log_to_driver=False,
+                 configure_logging=False)
     else:
         _join(address)
     try:
