@@ -75,7 +75,11 @@ def pack_on_ray(jobs: list[tuple], ledger: Ledger, options: dict, layout: dict, 
         resources = {"num_cpus": cpus_per_task}
         if memory_per_task:
             resources["memory"] = int(memory_per_task)
-        return _run_tasks(tasks, ledger, out, options, layout, resources, on_error, total)
+        try:
+            return _run_tasks(tasks, ledger, out, options, layout, resources, on_error, total)
+        except ray.exceptions.RayError as exc:  # the cluster itself failed; finished tasks are committed
+            raise DataError(f"the Ray cluster at {address} failed: {_last_line(exc)}; run the same "
+                            "command again to resume") from None
 
 
 def plan_tasks(sizes: list[int], slots: int) -> list[range]:
@@ -224,7 +228,7 @@ def ray_session(address: str):
     temp_dir = None
     if address == "local":
         temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Unix socket paths live under it
-        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+        ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
                  object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp_dir, log_to_driver=False,
                  configure_logging=False)
     else:
