@@ -1,6 +1,7 @@
 """`pack --ray` on a local 2-CPU Ray cluster, started once for the module: the dataset equals a
-single-machine pack sample for sample (content checksums), bad inputs are reported, a killed task is
-retried, a task that keeps raising reports each of its inputs, and a killed driver resumes."""
+single-machine pack sample for sample (content checksums); a bad volume is a report line and its task
+goes on; --on-error fail stops; a task no node can hold is refused; a killed task is retried; a task
+that keeps raising reports each of its inputs; a killed driver resumes."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import pytest
 from packing_inputs import BAD_INPUTS, final_status, report, write_big_input, write_mixed_inputs
 
 import sslmed
+from sslmed.errors import ConfigError, VolumeError
 from sslmed.io.manifest import load_manifest, sample_checksums, verify
 from sslmed.io.pack import pack, unique_key
-from sslmed.io.pack_ray import TASK_RETRIES
+from sslmed.io.pack_ray import TASK_RETRIES, pack_task
 from sslmed.io.readers import find_inputs
 
 pytestmark = pytest.mark.slow
@@ -102,6 +104,37 @@ def test_ray_pack_equals_a_single_machine_pack(tmp_path, ray_address, inputs, fm
     again = pack([inputs], out, fmt=fmt, ray=ray_address)  # a re-run packs nothing twice
     assert (again["ok"], again["skipped"]) == (0, summary["ok"])
     assert sample_checksums(out) == sample_checksums(reference)
+
+
+def test_a_bad_volume_inside_a_task_is_reported_and_the_task_goes_on(tmp_path, ray_address, inputs):
+    import ray
+
+    good = sorted((inputs / "a").iterdir())
+    bad = inputs / "z-bad" / "text.nii"
+    jobs = [(good[0], "first", {}), (bad, "bad", {}), (good[1], "second", {"status": "normal"})]
+    options = {"spacing": None, "modality": "auto", "dtype": "int16", "foreground_crop": False,
+               "repair_nonfinite": False}
+    layout = {"fmt": "wds", "codec": "zstd", "shard_size": 1e9, "chunk": 64}
+    result = ray.get(pack_task.remote("task-test", str(tmp_path), jobs, options, layout))
+    assert [status for status, _ in result["outcomes"]] == ["ok", "failed", "ok"]
+    assert "cannot read" in result["outcomes"][1][1]
+    [entry] = result["entries"]
+    assert entry["keys"] == ["first", "second"] and (tmp_path / entry["path"]).is_file()
+    assert not (tmp_path / ".task-test.tmp").exists()
+
+
+def test_on_error_fail_stops_the_run_naming_the_input(tmp_path, ray_address, inputs):
+    out = tmp_path / "out"
+    with pytest.raises(VolumeError, match="z-bad") as caught:
+        pack([inputs], out, ray=ray_address, on_error="fail")
+    assert "stopped: --on-error fail" in str(caught.value)
+    assert verify(out) == [] and not list(out.glob(".task-*"))
+
+
+def test_a_task_no_node_can_hold_is_refused(tmp_path, ray_address, inputs):
+    for options, word in (({"ray_cpus_per_task": 3}, "CPUs"), ({"ray_memory_per_task": 10**15}, "memory")):
+        with pytest.raises(ConfigError, match=f"no node of the Ray cluster has .*{word}"):
+            pack([inputs], tmp_path / "out", ray=ray_address, **options)
 
 
 def test_a_killed_task_is_retried_and_the_dataset_verifies(tmp_path, ray_address, with_big):

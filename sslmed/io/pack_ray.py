@@ -69,6 +69,7 @@ def pack_on_ray(jobs: list[tuple], ledger: Ledger, options: dict, layout: dict, 
             import zarr
 
             zarr.open_group(str(out / ZARR_STORE), mode="a", zarr_format=3)  # before tasks add arrays
+        _check_feasible(cpus_per_task, memory_per_task)
         slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
         spans = plan_tasks([input_bytes(job[0]) for job in jobs], slots)
         tasks = [jobs[span.start:span.stop] for span in spans]
@@ -80,6 +81,19 @@ def pack_on_ray(jobs: list[tuple], ledger: Ledger, options: dict, layout: dict, 
         except ray.exceptions.RayError as exc:  # the cluster itself failed; finished tasks are committed
             raise DataError(f"the Ray cluster at {address} failed: {_last_line(exc)}; run the same "
                             "command again to resume") from None
+
+
+def _check_feasible(cpus_per_task: float, memory_per_task: int | None) -> None:
+    """A task that no node can hold would wait forever: refuse it, naming what the largest node has."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+    memory = max((node.get("memory", 0) for node in nodes), default=0)
+    if cpus_per_task > cpus:
+        raise ConfigError(f"--ray-cpus-per-task {cpus_per_task:g}: no node of the Ray cluster has that "
+                          f"many CPUs (the largest has {cpus:g})")
+    if memory_per_task and memory_per_task > memory:
+        raise ConfigError(f"--ray-memory-per-task {memory_per_task / 1e9:.1f} GB: no node of the Ray cluster "
+                          f"has that much memory for tasks (the largest has {memory / 1e9:.1f} GB)")
 
 
 def plan_tasks(sizes: list[int], slots: int) -> list[range]:
