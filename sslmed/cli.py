@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--chunk", type=int, default=64, help="zarr chunk edge in voxels")
     pack.add_argument("--ray", metavar="ADDRESS",
                       help="pack on a Ray cluster: auto, HOST:PORT of its head, or local (start one here)")
-    pack.add_argument("--ray-cpus-per-task", type=float, default=1.0, metavar="N")
-    pack.add_argument("--ray-memory-per-task", type=parse_size, metavar="SIZE", help="e.g. 8GB")
+    pack.add_argument("--ray-cpus-per-task", type=float, default=1.0, metavar="N",
+                      help="CPUs Ray reserves for each task (also its torch threads)")
+    pack.add_argument("--ray-memory-per-task", type=parse_size, metavar="SIZE",
+                      help="memory Ray reserves for each task, e.g. 8GB")
     pack.add_argument("--part", type=parse_part, metavar="I/N",
                       help="pack only part I of N (from 0) into OUT/parts/I; join with `sslmed merge OUT`")
 
