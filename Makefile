@@ -31,6 +31,7 @@ bench: venv
 	$(BIN)/sslmed bench loader --quick
 	$(BIN)/sslmed bench step --quick
 	$(BIN)/sslmed bench scaling --quick
+	$(BIN)/sslmed bench pack --quick
 
 lint: venv
 	$(BIN)/ruff check sslmed tests benchmarks

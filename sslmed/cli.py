@@ -10,7 +10,7 @@ from pathlib import Path
 from sslmed import __version__
 from sslmed.errors import SslmedError
 
-BENCHMARKS = ("loader", "step", "scaling")
+BENCHMARKS = ("loader", "step", "scaling", "pack")
 
 
 def parse_size(text: str) -> int:
@@ -26,6 +26,14 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB)")
     return int(value * units[unit])
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """'3/8' → (3, 8): the part's index (from 0) and the number of parts."""
+    index, _, count = text.partition("/")
+    if not (index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"not a part: {text!r} (I/N with 0 <= I < N, e.g. 0/8)")
+    return int(index), int(count)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--repair-nonfinite", action="store_true",
                       help="replace NaN/Inf by 0 instead of refusing")
     pack.add_argument("--chunk", type=int, default=64, help="zarr chunk edge in voxels")
+    pack.add_argument("--ray", metavar="ADDRESS",
+                      help="pack on a Ray cluster: auto, HOST:PORT of its head, or local (start one here)")
+    pack.add_argument("--ray-cpus-per-task", type=float, default=1.0, metavar="N",
+                      help="CPUs Ray reserves for each task (also its torch threads)")
+    pack.add_argument("--ray-memory-per-task", type=parse_size, metavar="SIZE",
+                      help="memory Ray reserves for each task, e.g. 8GB")
+    pack.add_argument("--part", type=parse_part, metavar="I/N",
+                      help="pack only part I of N (from 0) into OUT/parts/I; join with `sslmed merge OUT`")
+
+    merge = sub.add_parser("merge", help="join the parts packed with --part I/N into one dataset")
+    merge.add_argument("dir")
 
     for name, text in (("verify", "check every shard/array against the manifest"),
                        ("inspect", "summarise a packed dataset")):
@@ -90,9 +109,16 @@ def run(args: argparse.Namespace) -> int:
             args.inputs, args.out, fmt=args.format, spacing=args.spacing, modality=args.modality,
             dtype=args.dtype, shard_size=args.shard_size, workers=args.workers, on_error=args.on_error,
             tags=args.tags, codec=args.codec, foreground_crop=args.foreground_crop,
-            repair_nonfinite=args.repair_nonfinite, chunk=args.chunk,
+            repair_nonfinite=args.repair_nonfinite, chunk=args.chunk, ray=args.ray,
+            ray_cpus_per_task=args.ray_cpus_per_task, ray_memory_per_task=args.ray_memory_per_task,
+            part=args.part,
         )
         return 1 if summary.get("failed") and args.on_error == "fail" else 0
+    if args.command == "merge":
+        from sslmed.io.parts import merge
+
+        merge(args.dir)
+        return 0
     if args.command == "verify":
         from sslmed.io.manifest import verify
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import functools
-import inspect
 import json
 import os
 import socket
@@ -102,20 +100,3 @@ def describe(holder: dict) -> str:
         return "another process (holder unknown)"
     return (f"{holder.get('command', 'sslmed')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
             f"since {holder.get('since', '?')})")
-
-
-def holding_lock(argument: str, command: str) -> Callable[[F], F]:
-    """Decorator: the function runs holding the lock of the directory passed as its `argument`."""
-
-    def wrap(function: F) -> F:
-        signature = inspect.signature(function)
-
-        @functools.wraps(function)
-        def locked(*args: Any, **kwargs: Any) -> Any:
-            directory = signature.bind(*args, **kwargs).arguments[argument]
-            with DirectoryLock(directory, command):
-                return function(*args, **kwargs)
-
-        return locked  # type: ignore[return-value]
-
-    return wrap

@@ -257,6 +257,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_sha256(array: np.ndarray, meta: dict) -> str:
+    """A sample's content checksum, the same in either format and in any shard or task grouping:
+    sha256 of its metadata as canonical JSON (sorted keys, no spaces, UTF-8), a NUL byte, then the
+    stored array's bytes (C order, little-endian)."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(b"\0")
+    stored = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    digest.update(memoryview(stored.reshape(-1)).cast("B"))
+    return digest.hexdigest()
+
+
 def tree_files(root: Path) -> list[Path]:
     """Every file under `root`, in sorted relative-path order."""
     files = (p for p in Path(root).rglob("*") if p.is_file())

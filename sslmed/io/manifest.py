@@ -17,6 +17,7 @@ from sslmed.io.format import (
     KEY,
     MANIFEST,
     check_meta,
+    content_sha256,
     decode_volume,
     file_sha256,
     is_array_path,
@@ -160,9 +161,11 @@ def _verify_shard(directory: Path, entry: dict) -> list[str]:
     if digest != entry["sha256"]:
         problems.append(f"{name}: checksum mismatch (manifest {entry['sha256'][:12]}…, file {digest[:12]}…)")
     keys: list[str] = []
+    contents: list[str] = []
     try:
         for key, array, meta in iter_shard(path):
             keys.append(key)
+            contents.append(content_sha256(array, meta))
             if list(array.shape) != list(meta["shape"]) or str(array.dtype) != meta["dtype"]:
                 problems.append(f"{name}: sample '{key}' is {array.dtype}{list(array.shape)} but its "
                                 f"metadata says {meta['dtype']}{meta['shape']}")
@@ -173,6 +176,10 @@ def _verify_shard(directory: Path, entry: dict) -> list[str]:
         problems.append(f"{name}: sample count mismatch (manifest {entry['samples']}, shard {len(keys)})")
     elif keys != entry["keys"]:
         problems.append(f"{name}: keys differ from the manifest")
+    elif "content_sha256" in entry:  # written since content checksums were added; older shards lack it
+        problems += [f"{name}: sample '{key}' content checksum differs from the manifest"
+                     for key, listed, found in zip(keys, entry["content_sha256"], contents, strict=True)
+                     if listed != found]
     return problems
 
 
@@ -193,9 +200,24 @@ def _verify_array(directory: Path, entry: dict) -> list[str]:
         meta = check_meta(dict(array.attrs)["sslmed"])
         if list(data.shape) != list(entry["shape"]) or list(meta["shape"]) != list(entry["shape"]):
             problems.append(f"{name}: shape {list(data.shape)} differs from the manifest {entry['shape']}")
+        elif "content_sha256" in entry and content_sha256(data, meta) != entry["content_sha256"]:
+            problems.append(f"{name}: content checksum differs from the manifest")
     except Exception as exc:  # any decoding failure means a corrupt array; name it
         problems.append(f"{name}: unreadable array ({type(exc).__name__}: {exc})")
     return problems
+
+
+def sample_checksums(directory: str | Path) -> dict[str, str]:
+    """key → content checksum of every sample the manifest lists: two datasets hold the same samples
+    exactly when these are equal, however their samples are grouped into shards."""
+    manifest = load_manifest(directory)
+    entries = manifest["shards" if manifest["format"] == "wds" else "arrays"]
+    if not all("content_sha256" in entry for entry in entries):
+        raise DataError(f"{directory}: packed by an sslmed that recorded no content checksums")
+    if manifest["format"] == "wds":
+        return {key: digest for entry in entries
+                for key, digest in zip(entry["keys"], entry["content_sha256"], strict=True)}
+    return {entry["key"]: entry["content_sha256"] for entry in entries}
 
 
 def iter_metadata(directory: str | Path) -> Iterator[dict]:

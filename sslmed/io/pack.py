@@ -4,6 +4,9 @@ Reading and preprocessing run in worker processes; the parent writes results in 
 output does not depend on `workers`. Every input gets one line in report.jsonl. The manifest is
 rewritten atomically whenever written data is complete (after each shard, every few zarr arrays and
 at the end), so an interrupted run leaves a valid dataset that a re-run extends.
+
+The same entry packs over a Ray cluster (`ray`, see pack_ray.py) or one part of a split for job arrays
+(`part`, see parts.py); both plan keys and tags here and write each volume with `write_volume`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import re
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
@@ -25,61 +28,73 @@ import numpy as np
 
 from sslmed import __version__
 from sslmed.errors import ConfigError, DataError, SslmedError, VolumeError
-from sslmed.io.format import CODECS, FORMAT_VERSION, MANIFEST, REPORT, write_json_atomic
+from sslmed.io.format import CODECS, FORMAT_VERSION, MANIFEST, REPORT, shard_name, write_json_atomic
+from sslmed.io.parts import finish_part, part_dir, start_part
 from sslmed.io.preprocess import CT_WINDOW, DTYPES, MR_PERCENTILES, preprocess
 from sslmed.io.readers import find_inputs, read_volume, suffix_of
 from sslmed.io.writers import WdsWriter, ZarrWriter
-from sslmed.lock import holding_lock
+from sslmed.lock import DirectoryLock
 
 Outcome = tuple[np.ndarray, dict] | str  # (stored array, metadata) or the reason it failed
 
 
-@holding_lock("out", "sslmed pack")  # a second pack into the same --out is refused, naming this one
 def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
          spacing: tuple[float, float, float] | None = None, modality: str = "auto", dtype: str = "int16",
          shard_size: float = 512e6, workers: int = 1, on_error: str = "skip", tags: str | Path | None = None,
          codec: str = "zstd", foreground_crop: bool = False, repair_nonfinite: bool = False,
-         chunk: int = 64) -> dict:
-    """Pack `inputs` (files or folders) into `out`.
+         chunk: int = 64, ray: str | None = None, ray_cpus_per_task: float = 1.0,
+         ray_memory_per_task: int | None = None, part: tuple[int, int] | None = None) -> dict:
+    """Pack `inputs` (files or folders) into `out`: here with `workers` processes, or over the Ray
+    cluster at `ray` ("local", "auto" or host:port) with the given CPUs and memory bytes per task.
+    `part` (I, N) packs only the I-th of N parts of the inputs, into out/parts/I.
 
     Returns a summary: {"ok", "skipped", "failed", "samples", "voxels", "bytes", "out", "format"}."""
     _check_options(fmt, modality, dtype, shard_size, workers, on_error, codec, chunk, spacing)
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create the output directory {out} ({exc.strerror or exc})") from exc
-    settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
-                "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
-                "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
-    ledger = Ledger(out, _start_manifest(out, fmt, codec, settings))
-    refused: list[tuple[Path, str]] = []
-    paths = find_inputs(inputs, refused)
-    for path, reason in refused:  # symlink loops and cycles: reported, never followed
-        ledger.record(path, "skipped", reason, "")
-        print(f"sslmed pack: skipping {path}: {reason}", file=sys.stderr)
-    if not paths:
-        raise VolumeError(f"no input volumes found in {', '.join(str(p) for p in inputs)}")
-    jobs = _plan(paths, ledger, read_tags(tags) if tags else None, tags)
-    options = {"spacing": spacing, "modality": modality, "dtype": dtype, "foreground_crop": foreground_crop,
-               "repair_nonfinite": repair_nonfinite}
-    common = {"codec": codec, "entries": ledger.entries, "on_commit": ledger.commit}
-    if fmt == "wds":
-        writer: WdsWriter | ZarrWriter = WdsWriter(out, shard_size=shard_size, **common)
-    else:
-        writer = ZarrWriter(out, chunk=chunk, **common)
-    stopped = _write_all(jobs, _outcomes([job[0] for job in jobs], options, workers), writer, ledger,
-                         on_error, total=len(paths) + len(refused))
-    writer.finish()
-    ledger.commit()
-    if stopped is not None:
-        raise stopped
-    manifest, counts = ledger.manifest, ledger.counts
-    summary = {**counts, "samples": manifest["samples"], "voxels": manifest["voxels"],
-               "bytes": manifest["bytes"], "out": str(out), "format": fmt}
-    print(f"sslmed pack: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
-          f"{summary['samples']} samples, {_human(summary['bytes'])} in {out}")
-    return summary
+    if ray:
+        from sslmed.io.pack_ray import check_ray_options
+
+        check_ray_options(ray, workers, ray_cpus_per_task, ray_memory_per_task)
+    out = Path(out) if part is None else part_dir(out, part)
+    # One writer per directory (each part has its own): a second pack into it is refused, naming the first.
+    with DirectoryLock(out, "sslmed pack"):
+        settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
+                    "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
+                    "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
+        ledger = Ledger(out, _start_manifest(out, fmt, codec, settings))
+        refused: list[tuple[Path, str]] = []
+        paths = find_inputs(inputs, refused)
+        for path, reason in refused:  # symlink loops and cycles: reported, never followed
+            ledger.record(path, "skipped", reason, "")
+            print(f"sslmed pack: skipping {path}: {reason}", file=sys.stderr)
+        if not paths:
+            raise VolumeError(f"no input volumes found in {', '.join(str(p) for p in inputs)}")
+        selected = start_part(ledger.manifest, out, paths, part) if part is not None else range(len(paths))
+        jobs = _plan(paths, ledger, read_tags(tags) if tags else None, tags, selected)
+        options = {"spacing": spacing, "modality": modality, "dtype": dtype,
+                   "foreground_crop": foreground_crop, "repair_nonfinite": repair_nonfinite}
+        layout = {"fmt": fmt, "codec": codec, "shard_size": shard_size, "chunk": chunk}
+        if ray:
+            from sslmed.io.pack_ray import pack_on_ray
+
+            stopped = pack_on_ray(jobs, ledger, options, layout, address=ray, cpus_per_task=ray_cpus_per_task,
+                                  memory_per_task=ray_memory_per_task, on_error=on_error,
+                                  total=len(selected) + len(refused))
+        else:
+            writer = open_writer(out, layout, ledger.entries, ledger.commit)
+            stopped = _write_all(jobs, _outcomes([job[0] for job in jobs], options, workers), writer, ledger,
+                                 on_error, total=len(selected) + len(refused))
+            writer.finish()
+        if part is not None:
+            finish_part(ledger.manifest, complete=stopped is None)
+        ledger.commit()
+        if stopped is not None:
+            raise stopped
+        manifest, counts = ledger.manifest, ledger.counts
+        summary = {**counts, "samples": manifest["samples"], "voxels": manifest["voxels"],
+                   "bytes": manifest["bytes"], "out": str(out), "format": fmt}
+        print(f"sslmed pack: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+              f"{summary['samples']} samples, {_human(summary['bytes'])} in {out}")
+        return summary
 
 
 class Ledger:
@@ -109,42 +124,71 @@ class Ledger:
         return {e["source"]: e["key"] for e in self.entries}
 
 
-def _plan(paths: list[Path], ledger: Ledger, tag_table: dict | None, tags_path) -> list[tuple]:
-    """(path, key, tags) for each input still to pack; inputs already packed are recorded as skipped."""
+def _plan(paths: list[Path], ledger: Ledger, tag_table: dict | None, tags_path,
+          selected: range) -> list[tuple]:
+    """(path, key, tags) for each input of `selected` still to pack; those already packed are recorded as
+    skipped. Keys are planned over all inputs, so every part of a split names its samples as one pack of
+    all the inputs would."""
     packed = ledger.packed_sources()
     used_keys = set(packed.values())
     jobs, matched_tags = [], set()
-    for path in paths:
+    for index, path in enumerate(paths):
         source = str(path.resolve())
         if source in packed:
-            ledger.record(path, "skipped", "already packed", packed[source])
+            if index in selected:
+                ledger.record(path, "skipped", "already packed", packed[source])
             _tags_for(tag_table, path, packed[source], matched_tags)  # packed before, but not a typo
         else:
             key = unique_key(path, used_keys)
-            jobs.append((path, key, _tags_for(tag_table, path, key, matched_tags)))
+            sample_tags = _tags_for(tag_table, path, key, matched_tags)
+            if index in selected:
+                jobs.append((path, key, sample_tags))
     _warn_unmatched_tags(tag_table, matched_tags, tags_path)
     return jobs
+
+
+def open_writer(out: Path, layout: dict, entries: list[dict], on_commit: Callable[[], None],
+                names: Callable[[int], str] = shard_name) -> WdsWriter | ZarrWriter:
+    """The writer of `layout["fmt"]` into `out`; `names` names tar shards by their index."""
+    common = {"codec": layout["codec"], "entries": entries, "on_commit": on_commit}
+    if layout["fmt"] == "wds":
+        return WdsWriter(out, shard_size=layout["shard_size"], names=names, **common)
+    return ZarrWriter(out, chunk=layout["chunk"], **common)
+
+
+def write_volume(job: tuple, outcome: Outcome, writer: WdsWriter | ZarrWriter,
+                 record: Callable[[Path, str, str, str], None]) -> str | None:
+    """Write one prepared input and record its fate; returns why it failed, or None."""
+    path, key, sample_tags = job
+    if isinstance(outcome, str):
+        record(path, "failed", outcome, key)
+        return outcome
+    array, meta = outcome
+    meta = {"key": key, **meta, "source": str(path.resolve()), "tags": sample_tags}
+    writer.add(key, meta["source"], array, meta)
+    record(path, "ok", "", key)
+    return None
+
+
+def progress_bar(total: int, done: int):
+    """The driver's progress: volumes done of `total`, and volumes per second (a bar on a terminal,
+    plain lines in a log file)."""
+    from sslmed.progress import progress
+
+    return progress(total, initial=done, desc="pack", unit="vol")
 
 
 def _write_all(jobs: list[tuple], outcomes: Iterator[Outcome], writer: WdsWriter | ZarrWriter, ledger: Ledger,
                on_error: str, total: int) -> VolumeError | None:
     """Write each prepared volume in input order. Returns the error to raise when `on_error` is 'fail'
     and an input failed (after what came before it is committed), else None."""
-    from sslmed.progress import progress as progress_bar
-
-    progress = progress_bar(total, initial=ledger.counts["skipped"], desc="pack", unit="vol")
+    progress = progress_bar(total, ledger.counts["skipped"])
     try:
-        for (path, key, sample_tags), outcome in zip(jobs, outcomes, strict=False):
+        for job, outcome in zip(jobs, outcomes, strict=False):
             progress.update(1)
-            if isinstance(outcome, str):
-                ledger.record(path, "failed", outcome, key)
-                if on_error == "fail":
-                    return VolumeError(f"{outcome} (stopped: --on-error fail)")
-                continue
-            array, meta = outcome
-            meta = {"key": key, **meta, "source": str(path.resolve()), "tags": sample_tags}
-            writer.add(key, meta["source"], array, meta)
-            ledger.record(path, "ok", "", key)
+            failure = write_volume(job, outcome, writer, ledger.record)
+            if failure is not None and on_error == "fail":
+                return VolumeError(f"{failure} (stopped: --on-error fail)")
     finally:
         # on an unexpected error the open shard stays a .tmp file and is never listed: a re-run redoes it
         outcomes.close()

@@ -13,6 +13,7 @@ import numpy as np
 from sslmed.io.format import (
     META_EXTENSION,
     ZARR_STORE,
+    content_sha256,
     encode_volume,
     file_sha256,
     shard_name,
@@ -29,12 +30,12 @@ ZARR_COMMIT_EVERY = 32  # arrays between manifest checkpoints
 
 class WdsWriter:
     """Fills tar shards in input order up to `shard_size` bytes; each shard is written under a
-    temporary name and renamed when complete."""
+    temporary name and renamed when complete. `names` maps a shard's index to its file name."""
 
     def __init__(self, out: Path, *, codec: str, shard_size: int, entries: list[dict],
-                 on_commit: Callable[[], None]) -> None:
+                 on_commit: Callable[[], None], names: Callable[[int], str] = shard_name) -> None:
         self.out, self.codec, self.shard_size = out, codec, int(shard_size)
-        self.entries, self.on_commit = entries, on_commit
+        self.entries, self.on_commit, self.names = entries, on_commit, names
         self.index = len(entries)
         self.file = self.tar = self.current = None
 
@@ -49,6 +50,7 @@ class WdsWriter:
         self.tar.write({"__key__": key, extension: payload, META_EXTENSION: meta_bytes})
         self.current["keys"].append(key)
         self.current["sources"].append(source)
+        self.current["content_sha256"].append(content_sha256(array, meta))
         self.current["samples"] += 1
         self.current["voxels"] += int(array.size)
         self.current["bytes"] += size
@@ -60,11 +62,12 @@ class WdsWriter:
     def _open(self) -> None:
         import webdataset as wds
 
-        name = shard_name(self.index)
+        name = self.names(self.index)
         self.file = open(self.out / f".{name}.tmp", "wb")
         # fixed owner and mtime: the same inputs give byte-identical shards
         self.tar = wds.TarWriter(self.file, user="sslmed", group="sslmed", mtime=0.0, encoder=False)
-        self.current = {"path": name, "samples": 0, "voxels": 0, "bytes": 0, "keys": [], "sources": []}
+        self.current = {"path": name, "samples": 0, "voxels": 0, "bytes": 0, "keys": [], "sources": [],
+                        "content_sha256": []}
 
     def _close(self) -> None:
         self.tar.close()
@@ -105,7 +108,8 @@ class ZarrWriter:
         files = [f.relative_to(root).as_posix() for f in tree_files(root)]
         self.entries.append({"key": key, "path": f"{ZARR_STORE}/{key}", "shape": list(array.shape),
                              "voxels": int(array.size), "bytes": tree_bytes(root),
-                             "sha256": tree_sha256(root), "files": files, "source": source})
+                             "sha256": tree_sha256(root), "files": files,
+                             "content_sha256": content_sha256(array, meta), "source": source})
         self.uncommitted += 1
         if self.uncommitted >= ZARR_COMMIT_EVERY:
             self.finish()
