@@ -16,6 +16,7 @@ from sslmed.io.pack import pack
 from sslmed.io.pack_ray import TASK_VOLUMES, plan_tasks
 from sslmed.io.parts import balanced_ranges
 from sslmed.io.readers import find_inputs
+from sslmed.lock import DirectoryLock
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,19 @@ def test_merge_refuses_a_directory_holding_a_dataset(tmp_path, inputs, capsys):
     pack([inputs], out, part=(0, 1))
     assert main(["merge", str(out)]) == 2
     assert "not a merge of parts" in capsys.readouterr().err
+
+
+def test_each_part_and_the_merge_hold_their_own_directory(tmp_path, inputs, capsys):
+    out = tmp_path / "out"
+    with DirectoryLock(out / "parts" / "0", "another sslmed pack"):
+        pack([inputs], out, part=(1, 2))  # another part packs beside a running one
+        assert main(["pack", str(inputs), "--out", str(out), "--part", "0/2"]) == 2
+        assert f"{out / 'parts' / '0'} is in use" in capsys.readouterr().err
+    pack([inputs], out, part=(0, 2))
+    with DirectoryLock(out, "another sslmed merge"):
+        assert main(["merge", str(out)]) == 2
+        assert f"{out} is in use" in capsys.readouterr().err
+    assert main(["merge", str(out)]) == 0
 
 
 def test_a_part_cut_from_another_input_list_is_refused_on_resume(tmp_path, inputs, capsys):

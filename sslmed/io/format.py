@@ -27,7 +27,9 @@ VOLUME_EXTENSIONS = ("vol.npy", "vol.blosc")  # tar member suffixes holding the 
 META_EXTENSION = "meta.json"
 
 
-SHARD_NAME = re.compile(r"shard-[0-9]{6}\.tar")  # what `shard_name` writes, and nothing else
+# What the writers name shards, and nothing else: `shard_name` (one pack), a Ray task's
+# shard-<task hash>-NNNN.tar, and either with a part's pNNNNN- prefix once `merge` joined the parts.
+SHARD_NAME = re.compile(r"(p[0-9]{5}-)?shard-([0-9]{6}|[0-9a-f]{16}-[0-9]{4})\.tar")
 KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -36,8 +38,8 @@ def shard_name(index: int) -> str:
 
 
 def is_shard_name(name: object) -> bool:
-    """True only for names `shard_name` writes: a manifest entry is substituted into paths and shard
-    URLs (`pipe:` commands), so nothing else may pass."""
+    """True only for names the writers give shards (`SHARD_NAME`): a manifest entry is substituted into
+    paths and shard URLs (`pipe:` commands), so nothing else may pass."""
     return isinstance(name, str) and SHARD_NAME.fullmatch(name) is not None
 
 
