@@ -31,15 +31,8 @@ import common  # noqa: E402
 from sslmed.errors import SslmedError  # noqa: E402
 
 TWINNED = ("mae",)  # methods that MONAI's MaskedAutoEncoderViT computes as well
-# What each method's constructor insists on (architecture, views, neighbours, stages); the rest is the
-# Config defaults. The residual method's timed steps are its stage 2 (stage 1 lasts one step).
-METHOD_SETTINGS = {
-    "resmae": ["model.arch=cnn3d"], "spark": ["model.arch=cnn3d"], "simclr": ["data.views=2"],
-    "byol": ["data.views=2"], "simsiam": ["data.views=2"],
-    "contrastive_ae": ["model.arch=cnn3d", "data.views=2"],
-    "drasclr": ["model.arch=cnn3d", "data.views=2", "data.neighbour=true"],
-    "residual": ["model.arch=cnn3d", "method.stage1_steps=1"],
-}
+# A timing choice, not a need: the residual method's timed steps are its stage 2 (stage 1 lasts one step).
+TIMED_STAGE = {"residual": ["method.stage1_steps=1"]}
 
 
 @dataclass
@@ -70,13 +63,22 @@ def synthetic_batch(batch: int, crop: int, device: torch.device, seed: int = 0) 
 
 
 def bench_config(args: argparse.Namespace, method: str, size: str, crop: int, checkpointing: bool):
+    """The config defaults for `method`, with what its declared needs ask for (sslmed.methods.METHODS)
+    and `--mask-ratio` where the method has that setting."""
     from sslmed.config import load_config
+    from sslmed.errors import ConfigError
+    from sslmed.methods import METHODS
 
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    cls = METHODS[method]
+    masked = "mask_ratio" in cls.Settings.__dataclass_fields__
     overrides = [f"method.name={method}", f"model.size={size}", f"data.crop_size={crop}",
                  f"train.micro_batch={args.batch}", f"train.precision={args.precision}",
-                 f"method.mask_ratio={args.mask_ratio}", f"train.activation_checkpointing={checkpointing}",
+                 f"train.activation_checkpointing={checkpointing}",
                  f"train.compile={args.compile}", f"train.zero_stage={args.zero_stage}",
-                 *METHOD_SETTINGS.get(method, []), *args.set]
+                 *cls.needs.overrides(), *([f"method.mask_ratio={args.mask_ratio}"] if masked else []),
+                 *TIMED_STAGE.get(method, []), *args.set]
     return load_config(None, overrides)
 
 
@@ -100,12 +102,12 @@ class MonaiMAE(nn.Module):
         super().__init__()
         self.net, self.patch = net, patch
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
         pred, mask = self.net(x)
         per_patch = (pred.float() - patchify(x, self.patch).float()).pow(2).mean(dim=-1)
         loss = (per_patch * mask).sum() / mask.sum()
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         return None
@@ -155,6 +157,14 @@ class Recompute(nn.Module):
 # ---- stepping -----------------------------------------------------------------------------------
 
 
+def with_rng(batch: dict, step: int, device: torch.device) -> dict:
+    """The batch with the step's generator, as the training loop hands it to the method."""
+    from sslmed.methods.base import RNG
+    from sslmed.rng import step_generator
+
+    return {**batch, RNG: step_generator(0, 0, step, device)}
+
+
 def torch_stepper(module: nn.Module, device: torch.device, bf16: bool, compile_: bool,
                   total: int) -> Callable[[dict, int], None]:
     """nanoGPT-style: AdamW (fused on CUDA), bf16 autocast, the method's own `on_step_end`."""
@@ -163,7 +173,7 @@ def torch_stepper(module: nn.Module, device: torch.device, bf16: bool, compile_:
 
     def step(batch: dict, i: int) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = forward(batch)
+            loss, _ = forward(with_rng(batch, i, device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -179,7 +189,7 @@ def deepspeed_stepper(module: nn.Module, cfg, total: int) -> Callable[[dict, int
     engine = build_engine(cfg, module, init_distributed())
 
     def step(batch: dict, i: int) -> None:
-        loss, _ = engine(batch)
+        loss, _ = engine(with_rng(batch, i, engine.info.device))
         engine.backward(loss)
         engine.step()
         with engine.full_params():

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,26 +61,20 @@ class ModelConfig:
     heads: int = 0  # 0: the size's default (ViT attention heads)
 
 
+def setting(default: Any, check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:
+    """A method setting with its range: `check(value)` must hold, `rule` says how in the error."""
+    return field(default=default, metadata={"check": check, "rule": rule})
+
+
 @dataclass
-class MethodConfig:
+class MethodSettings:
+    """The `method:` section: the method's name plus that method's own settings. Each method declares a
+    subclass in its own file (`Method.Settings`); `cfg.method` is an instance of the named method's one."""
+
     name: str = "mae"
-    mask_ratio: float = 0.75  # masked methods: fraction of patches hidden from the encoder
-    norm_pix_loss: bool = False  # MAE: reconstruct per-patch normalised voxels
-    decoder_dim: int = 0  # 0: method default
-    decoder_depth: int = 0  # 0: method default
-    temperature: float = 0.1  # contrastive methods
-    proj_dim: int = 128  # projection head output
-    hidden_dim: int = 512  # projection / prediction head hidden width
-    ema_momentum: float = 0.996  # BYOL / SSSD teacher; cosine-scheduled to 1.0
-    gather: bool = True  # gather negatives across ranks (gradient-preserving)
-    distill_weight: float = 1.0  # SSSD self-distillation term
-    local_weight: float = 1.0  # DrasCLR local (neighbour) term
-    global_weight: float = 1.0  # DrasCLR global term
-    recon_weight: float = 1.0  # contrastive AE reconstruction term
-    contrastive_weight: float = 1.0  # contrastive AE latent term
-    stage1_steps: int = 0  # residual: steps of CAE training on `normal` volumes before stage 2
-    normal_tag: str = "status=normal"  # residual: tag=value marking normal volumes
-    distill_target: Literal["stopgrad", "ema"] = "stopgrad"  # SSSD: teacher = decoder latent, or its EMA copy
+
+    def check(self) -> None:
+        """Constraints between settings, beyond each setting's own range (raise ConfigError)."""
 
 
 @dataclass
@@ -155,7 +150,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodSettings = field(default_factory=lambda: method_settings("mae")())
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -175,7 +170,6 @@ class Config:
             (self.data.crop_size > 0, "data.crop_size must be positive"),
             (self.data.views in (1, 2), "data.views must be 1 or 2"),
             (self.data.roi_jitter >= 0, "data.roi_jitter must be >= 0"),
-            (0.0 <= self.method.mask_ratio < 1.0, "method.mask_ratio must be in [0, 1)"),
             (self.train.steps > 0, "train.steps must be positive"),
             (self.train.micro_batch > 0, "train.micro_batch must be positive"),
             (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
@@ -200,36 +194,61 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for key in settings_fields(self.method):
+            check_range(self.method, key, getattr(self.method, key), "config")
+        self.method.check()
 
 
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A YAML path, or the name of a config shipped in sslmed/configs/ (e.g. `mae-tiny`)."""
+def shipped_names() -> list[str]:
+    """Configs a user can name; files starting with `_` are bases that others build on."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def resolve_config_path(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A YAML path (for a `base:`, also relative to the file naming it), or the name of a config shipped
+    in sslmed/configs/ (e.g. `mae-tiny`)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
+    candidates = [relative_to / path, path] if relative_to is not None and not path.is_absolute() else [path]
+    for candidate in candidates:
+        if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+            return candidate
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.exists():
         return shipped
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"no config file '{name_or_path}' and no shipped config of that name "
-                      f"(shipped: {names})")
+                      f"(shipped: {', '.join(shipped_names())})")
+
+
+def read_layers(name_or_path: str, relative_to: Path | None = None, chain: tuple[Path, ...] = ()
+                ) -> list[tuple[dict, str]]:
+    """The YAML trees to merge, bases first: a file's top-level `base: NAME` (a shipped config or a
+    YAML path) is read before the file itself, which then holds only what differs from it."""
+    path = resolve_config_path(name_or_path, relative_to)
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        tree = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return [(tree, str(path))]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must name one config, got {base!r}")
+    return read_layers(base, path.parent, (*chain, path.resolve())) + [(tree, str(path))]
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `section.key=value` overrides; validated."""
+    """Defaults, then the YAML file (its bases first), then `section.key=value` overrides; validated."""
     cfg = Config()
     if name_or_path:
-        path = resolve_config_path(name_or_path)
-        try:
-            tree = parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        merge_tree(cfg, tree, source=str(path))
+        for tree, source in read_layers(name_or_path):
+            merge_tree(cfg, tree, source=source)
     apply_overrides(cfg, overrides)
     cfg.validate()
     return cfg
@@ -257,18 +276,26 @@ ConfigLoader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds plain data only
+    """YAML 1.2 scalars through `ConfigLoader`, a SafeLoader: plain data only, never objects."""
+    loader = ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def merge_tree(cfg: Config, tree: dict, source: str = "config") -> None:
     for section, values in tree.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping")
-        for key, value in values.items():
+        # the method's name first: it decides which settings the rest of the section may hold
+        first = "name" if section == "method" else None
+        for key, value in sorted(values.items(), key=lambda kv: kv[0] != first):
             set_key(cfg, f"{section}.{key}", value, source)
 
 
 def apply_overrides(cfg: Config, overrides) -> None:
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
@@ -277,7 +304,9 @@ def apply_overrides(cfg: Config, overrides) -> None:
             value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise ConfigError(f"override '{item}': not a valid value") from None
-        set_key(cfg, key.strip(), value, "command line")
+        parsed.append((key.strip(), value))
+    for key, value in sorted(parsed, key=lambda kv: kv[0] != "method.name"):  # as in merge_tree
+        set_key(cfg, key, value, "command line")
 
 
 def set_key(cfg: Config, dotted: str, value: Any, source: str = "config") -> None:
@@ -289,11 +318,72 @@ def set_key(cfg: Config, dotted: str, value: Any, source: str = "config") -> Non
     if section is None or not dataclasses.is_dataclass(section):
         raise ConfigError(f"{source}: unknown section '{section_name}' (in '{dotted}'); "
                           f"sections: {', '.join(f.name for f in dataclasses.fields(cfg))}")
+    if section_name == "method":
+        set_method_key(cfg, key, value, source)
+        return
     fields = {f.name: f for f in dataclasses.fields(section)}
     if key not in fields:
         raise ConfigError(f"{source}: unknown key '{dotted}'; {section_name} has: {', '.join(fields)}")
     hint = typing.get_type_hints(type(section))[key]
     setattr(section, key, coerce(value, hint, dotted, source))
+
+
+# ---- the method section: the named method's own settings ----------------------------------------
+
+
+def method_settings(name: str, source: str = "config") -> type[MethodSettings]:
+    """The settings dataclass of the method registered as `name` in sslmed.methods.METHODS."""
+    from sslmed.methods import METHODS  # the registry imports this module
+
+    if name not in METHODS:
+        raise ConfigError(f"{source}: unknown method.name '{name}' (known: {', '.join(METHODS)})")
+    return METHODS[name].Settings
+
+
+def settings_fields(settings: MethodSettings) -> list[str]:
+    """The settings of a method, `name` excepted, in declaration order."""
+    return [f.name for f in dataclasses.fields(settings) if f.name != "name"]
+
+
+def set_method_key(cfg: Config, key: str, value: Any, source: str) -> None:
+    """`method.name` switches to that method's settings (its defaults, then the keys given so far, which
+    must be its own); any other key must be a setting of the current method, in its type and range."""
+    current = cfg.method
+    given: dict[str, tuple[Any, str]] = dict(getattr(current, "_given", {}))
+    if key == "name":
+        value = coerce(value, str, "method.name", source)
+        settings = method_settings(value, source)(name=value)
+        settings._given = {}
+        cfg.method = settings
+        for old_key, (old_value, old_source) in given.items():
+            set_method_key(cfg, old_key, old_value, old_source)
+        return
+    names = settings_fields(current)
+    if key not in names:
+        owners = [other for other, cls in _registry().items() if other != current.name
+                  and key in (f.name for f in dataclasses.fields(cls))]
+        owned = f" (a setting of {', '.join(owners)})" if owners else ""
+        raise ConfigError(f"{source}: method '{current.name}' has no setting '{key}'{owned}; "
+                          f"its settings: {', '.join(names) or 'none'}")
+    hint = typing.get_type_hints(type(current))[key]
+    coerced = coerce(value, hint, f"method.{key}", source)
+    check_range(current, key, coerced, source)
+    setattr(current, key, coerced)
+    current._given = {**given, key: (coerced, source)}
+
+
+def check_range(settings: MethodSettings, key: str, value: Any, source: str) -> None:
+    meta = next(f.metadata for f in dataclasses.fields(settings) if f.name == key)
+    check = meta.get("check")
+    if check is not None and not check(value):
+        raise ConfigError(f"{source}: 'method.{key}' must be {meta.get('rule') or 'in range'} "
+                          f"(method '{settings.name}'), got {value!r}")
+
+
+def _registry() -> dict[str, type[MethodSettings]]:
+    from sslmed.methods import METHODS
+
+    return {name: cls.Settings for name, cls in METHODS.items()}
 
 
 def coerce(value: Any, hint: Any, key: str, source: str) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,31 +15,33 @@ from sslmed.config import CONFIG_DIR, load_config
 from sslmed.errors import ConfigError
 from sslmed.methods import METHODS, build_method
 from sslmed.methods.base import cosine_momentum
+from sslmed.methods.losses import random_grid_mask
+from sslmed.rng import step_generator
 
 torch.set_num_threads(1)
 
-CNN_METHODS = {"resmae", "spark", "residual", "contrastive_ae", "drasclr"}
-TWO_VIEWS = {"simclr", "byol", "simsiam", "contrastive_ae", "drasclr"}
 LOSS_FLOOR = {"simsiam": -1.0}  # SimSiam's loss is a negative cosine
+REQUIRED = {"residual": ["method.stage1_steps=1000"]}  # settings without a usable default
 
 
 def tiny_config(name: str, *extra: str):
-    overrides = [f"method.name={name}", "data.crop_size=16", "model.patch_size=4", "train.micro_batch=4",
-                 "method.hidden_dim=32", "method.proj_dim=16", "method.decoder_dim=16",
-                 "method.decoder_depth=1"]
-    if name in ("resmae", "spark"):  # mask patches as large as the CNN's downsampling
-        overrides += ["data.crop_size=32", "model.patch_size=16", "method.mask_ratio=0.5"]
-    if name in CNN_METHODS:
-        overrides += ["model.arch=cnn3d", "model.dim=4", "model.depth=1"]
+    """The smallest config `name` accepts: its declared needs, small heads, the smallest geometry."""
+    cls = METHODS[name]
+    fields = cls.Settings.__dataclass_fields__
+    small = {"hidden_dim": 32, "proj_dim": 16, "decoder_dim": 16, "decoder_depth": 1}
+    overrides = [f"method.name={name}", "train.micro_batch=4", *cls.needs.overrides(),
+                 *(f"method.{k}={v}" for k, v in small.items() if k in fields), *REQUIRED.get(name, [])]
+    if cls.needs.backbone == "cnn3d":
+        overrides += ["model.dim=4", "model.depth=1"]
     else:
         overrides += ["model.dim=32", "model.depth=2", "model.heads=4"]
-    if name in TWO_VIEWS:
-        overrides.append("data.views=2")
-    if name == "drasclr":
-        overrides.append("data.neighbour=true")
-    if name == "residual":
-        overrides.append("method.stage1_steps=1000")
-    return load_config(None, overrides + list(extra))
+    cfg = load_config(None, [*overrides, "data.crop_size=16", "model.patch_size=4", *extra])
+    try:
+        cls.check_config(cfg)
+    except ConfigError:  # e.g. CNN masking: mask patches as large as the CNN's downsampling
+        masked = ["method.mask_ratio=0.5"] if "mask_ratio" in fields else []
+        cfg = load_config(None, [*overrides, "data.crop_size=32", "model.patch_size=16", *masked, *extra])
+    return cfg
 
 
 def smooth_volumes(n: int, size: int = 16) -> torch.Tensor:
@@ -59,7 +64,8 @@ def train(method, batch: dict, steps: int, lr: float = 3e-3) -> list[float]:
     losses = []
     for step in range(steps):
         loss, logs = method(batch)
-        assert set(logs) and all(isinstance(v, float) for v in logs.values())
+        assert set(logs) and all(isinstance(v, float) or (v.ndim == 0 and not v.requires_grad)
+                                 for v in logs.values()), "logs are detached scalars"
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,20 +101,30 @@ def test_mae_encoder_sees_only_visible_tokens_and_loss_ignores_visible_patches()
     assert torch.equal(method.reconstruction_loss(image, out), loss)
 
 
-def test_masks_differ_per_step_and_repeat_under_a_seed() -> None:
-    method = build_method(tiny_config("mae"))
-    image = tiny_batch()["image"]
+@pytest.mark.parametrize("name", ["mae", "spark"])
+def test_a_steps_mask_is_a_function_of_seed_rank_and_step(name: str) -> None:
+    method = build_method(tiny_config(name))
+    image = tiny_batch(size=method.cfg.data.crop_size)["image"]
     torch.manual_seed(7)
-    a = method.masked_forward(image)["mask"]
-    b = method.masked_forward(image)["mask"]
-    torch.manual_seed(7)
-    assert torch.equal(method.masked_forward(image)["mask"], a) and not torch.equal(a, b)
+
+    def mask(seed: int, rank: int, step: int, micro_step: int = 0) -> torch.Tensor:
+        generator = step_generator(seed, rank, step, image.device, micro_step=micro_step)
+        if name == "mae":
+            return method.masked_forward(image, generator)["mask"]
+        return random_grid_mask(image, method.patch_size, method.mask_ratio, generator)[1]
+
+    a = mask(0, 0, 5)
+    torch.rand(100)  # the global RNG plays no part
+    assert torch.equal(mask(0, 0, 5), a)
+    for other in (mask(0, 0, 6), mask(0, 1, 5), mask(1, 0, 5), mask(0, 0, 5, micro_step=1)):
+        assert not torch.equal(other, a)
 
 
 def ema_pairs(method):
+    teacher = method.teacher.module
     if method.name == "byol":
-        return [(method.target["backbone"], method.backbone), (method.target["projector"], method.projector)]
-    return [(method.teacher_encoder, method.backbone), (method.teacher_decoder, method.decoder)]
+        return [(teacher["backbone"], method.backbone), (teacher["projector"], method.projector)]
+    return [(teacher["encoder"], method.backbone), (teacher["decoder"], method.decoder)]
 
 
 @pytest.mark.parametrize("name,extra", [("byol", ()), ("sssd", ("method.distill_target=ema",))])
@@ -121,8 +137,11 @@ def test_teacher_moves_by_ema_only(name: str, extra: tuple[str, ...]) -> None:
     opt.zero_grad()
     loss.backward()
     teachers = [t for t, _ in ema_pairs(method)]
+    registered = {id(p) for p in method.parameters()}
     for teacher in teachers:
         assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+        assert not registered & {id(p) for p in teacher.parameters()}, "teachers live outside the module"
+    assert not any("teacher" in key for key in method.state_dict())
     before = [[p.clone() for p in t.parameters()] for t in teachers]
     opt.step()  # moves the online networks only
     for teacher, old in zip(teachers, before, strict=True):
@@ -189,6 +208,7 @@ def test_residual_stages_follow_the_saved_step_counter() -> None:
 @pytest.mark.parametrize("overrides,match", [
     (["method.name=nope"], "unknown method.name"),
     (["method.name=simclr"], "data.views: 2"),
+    (["method.name=mae", "data.views=2"], "data.views: 1"),
     (["method.name=simclr", "data.views=2", "train.micro_batch=1"], "micro_batch"),
     (["method.name=resmae"], "model.arch: cnn3d"),
     (["method.name=drasclr", "model.arch=cnn3d", "data.views=2"], "data.neighbour"),
@@ -197,11 +217,36 @@ def test_residual_stages_follow_the_saved_step_counter() -> None:
      "key=value"),
     (["method.name=spark", "model.arch=cnn3d", "data.crop_size=24", "model.patch_size=8"], "multiple of 16"),
     (["method.name=spark", "model.arch=cnn3d", "data.crop_size=32", "model.patch_size=8"], "downsampling"),
+    (["method.mask_ratio=1.0"], r"'method.mask_ratio' must be in \[0, 1\)"),
+    (["method.name=byol", "method.ema_momentum=1.5"], "must be in"),
 ])
 def test_config_mistakes_name_the_key(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         build_method(load_config(None, ["model.dim=8", "model.depth=1", "model.heads=2", "data.crop_size=32",
                                         "model.patch_size=8", *overrides]))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_setting_of_another_method_or_an_unknown_one_is_refused_in_one_line(name: str, tmp_path) -> None:
+    own = [f for f in METHODS[name].Settings.__dataclass_fields__ if f != "name"]
+    foreign = next(f for other in METHODS.values() for f in other.Settings.__dataclass_fields__
+                   if f not in own and f != "name")
+    for key in (foreign, "no_such_setting"):
+        with pytest.raises(ConfigError) as error:
+            load_config(None, [f"method.name={name}", f"method.{key}=1"])
+        message = str(error.value)
+        assert "\n" not in message and f"method '{name}' has no setting '{key}'" in message
+        assert message.endswith(f"its settings: {', '.join(own) or 'none'}")
+    # the same from a YAML file, whichever order its keys come in; its own settings are accepted there
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"method:\n  {foreign}: 1\n  name: {name}\n")
+    with pytest.raises(ConfigError, match=f"run.yaml: method '{name}' has no setting '{foreign}'"):
+        load_config(str(yaml))
+    values = {k: v for k, v in dataclasses.asdict(METHODS[name].Settings()).items() if k != "name"}
+    values.update({k: int(v) for k, v in (o[len("method."):].split("=") for o in REQUIRED.get(name, []))})
+    yaml.write_text(json.dumps({"method": {**values, "name": name}}))  # JSON is YAML; `name` comes last
+    assert dataclasses.asdict(load_config(str(yaml)).method) == dataclasses.asdict(
+        load_config(None, [f"method.name={name}", *REQUIRED.get(name, [])]).method)
 
 
 def test_every_method_ships_tiny_and_base_configs_that_load() -> None:
@@ -219,3 +264,10 @@ def test_tiny_config_builds_and_steps(name: str) -> None:
     method = build_method(cfg)
     batch = tiny_batch(cfg.train.micro_batch, cfg.data.crop_size)
     train(method, batch, steps=1)
+
+
+def test_the_readme_lists_exactly_the_registered_methods() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("### Methods"):].split("\n\n")[1]
+    listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert listed == set(METHODS)

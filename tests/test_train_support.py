@@ -1,7 +1,8 @@
 """A tiny method and an in-memory loader with the pipeline's interface, for the training tests.
 
-The method masks random tokens (global torch RNG, so resume must restore it) and keeps an EMA teacher
-(frozen parameters updated in `on_step_end`, so ZeRO-3 must gather them). The loader is endless,
+The method masks random tokens (drawn from the step's generator the loop hands it, so exact resume needs
+no RNG state) and keeps an EMA teacher as frozen registered parameters updated in `on_step_end` (any
+nn.Module may: ZeRO-3 must gather them). The loader is endless,
 deterministic in (seed, rank, position) and resumable through state_dict / load_state_dict.
 """
 
@@ -27,17 +28,18 @@ class TinyMethod(nn.Module):
         self.decoder = nn.Linear(24, 8**3)
         self.teacher = copy.deepcopy(self.backbone).requires_grad_(False)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
         tokens = self.backbone.forward_tokens(x)
-        keep = (torch.rand(tokens.shape[:2], device=x.device) > 0.5).to(tokens.dtype).unsqueeze(-1)
+        noise = torch.rand(tokens.shape[:2], device=x.device, generator=batch.get("rng"))
+        keep = (noise > 0.5).to(tokens.dtype).unsqueeze(-1)
         patches = x.unfold(2, 8, 8).unfold(3, 8, 8).unfold(4, 8, 8).reshape(len(x), -1, 8**3)
         recon = ((self.decoder(tokens * keep) - patches) ** 2).mean()
         with torch.no_grad():
             target = self.teacher(x)
         distill = ((tokens.mean(1) - target) ** 2).mean()
         loss = recon + 0.1 * distill
-        return loss, {"loss_recon": float(recon.detach()), "loss_distill": float(distill.detach())}
+        return loss, {"loss_recon": recon.detach(), "loss_distill": distill.detach()}
 
     def encoder(self) -> nn.Module:
         return self.backbone

@@ -1,10 +1,14 @@
-"""Self-supervised methods, picked by name from a plain dict."""
+"""Self-supervised methods, picked by name from a plain dict.
+
+Adding a method: one file declaring a `Method` subclass (its `name`, `Settings` and `needs`) and one
+entry in `METHODS`. The config's `method:` section is then `name:` plus that method's own settings.
+"""
 
 from __future__ import annotations
 
 from sslmed.config import Config
 from sslmed.errors import ConfigError
-from sslmed.methods.base import Method
+from sslmed.methods.base import Method, Needs, check_needs
 from sslmed.methods.byol import BYOL
 from sslmed.methods.contrastive_ae import ContrastiveAE
 from sslmed.methods.drasclr import DrasCLR
@@ -24,13 +28,15 @@ METHODS: dict[str, type[Method]] = {
 
 
 def build_method(cfg: Config) -> Method:
-    """The method named by `cfg.method.name`, with activation checkpointing as `train` asks."""
+    """The method named by `cfg.method.name`, its needs checked against the config, with activation
+    checkpointing as `train` asks."""
     name = cfg.method.name
     if name not in METHODS:
         raise ConfigError(f"unknown method.name '{name}' (known: {', '.join(METHODS)})")
+    check_needs(METHODS[name], cfg)
     method = METHODS[name](cfg)
     set_activation_checkpointing(method, cfg.train.activation_checkpointing)
     return method
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+__all__ = ["METHODS", "Method", "Needs", "build_method"]

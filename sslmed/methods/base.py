@@ -1,27 +1,70 @@
-"""What every method shares: the interface the training loop relies on, EMA helpers, config checks."""
+"""What every method shares: the contract the training loop relies on, declared needs, EMA teachers.
+
+A method is one file: an `nn.Module` subclass of `Method` with its `name`, its `Settings` (a dataclass of
+its own `method.*` keys: defaults, types, ranges) and its `needs` (what it reads from a batch and which
+backbone it is built for). `build_method` checks the needs against the config generically.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from sslmed.config import Config
+from sslmed.config import Config, MethodSettings, setting
 from sslmed.errors import ConfigError
 from sslmed.models import build_backbone
 from sslmed.models.heads import mlp_head
 
+# The key under which the training loop hands a method its step's torch.Generator (on the step's device,
+# seeded from train.seed, rank, step and micro-step). Every random draw in a step comes from it.
+RNG = "rng"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads and is built for; `build_method` checks each against the config."""
+
+    views: int = 1  # 1: `image`; 2: `image` and `image2` (data.views)
+    neighbours: bool = False  # `neighbour`, `neighbour_location` (data.neighbour)
+    backbone: str = ""  # the model.arch it is built for; "": any backbone in BACKBONES
+    location: bool = False  # reads `location` (every batch carries it)
+    min_batch: int = 1  # train.micro_batch at least this (negatives, batch-normalised heads)
+
+    def overrides(self) -> list[str]:
+        """Dotted overrides that satisfy these needs (benchmarks and tests build configs from them)."""
+        out = [f"data.views={self.views}", f"data.neighbour={str(self.neighbours).lower()}"]
+        if self.backbone:
+            out.append(f"model.arch={self.backbone}")
+        return out
+
 
 class Method(nn.Module):
-    """`forward(batch) -> (loss, logs)`; `encoder()` is what gets exported; `on_step_end` after each step."""
+    """`forward(batch) -> (loss, logs)`; `encoder()` is what gets exported; `on_step_end` after each step.
 
-    name = "method"
+    `logs` maps names to detached scalar tensors (or plain floats for host-side values): the loop brings
+    them to the host only when it logs. Random draws come from `batch[RNG]` (see `step_rng`)."""
+
+    name: ClassVar[str] = "method"
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    needs: ClassVar[Needs] = Needs()
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
+        if not isinstance(cfg.method, self.Settings):
+            raise ConfigError(f"method '{self.name}' got the settings of method '{cfg.method.name}'")
         self.cfg = cfg
+        self.settings = cfg.method
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Method-specific constraints beyond `needs` (e.g. crop and patch geometry); raise ConfigError."""
 
     def encoder(self) -> nn.Module:
         return self.backbone
@@ -29,20 +72,71 @@ class Method(nn.Module):
     def on_step_end(self, step: int, max_steps: int) -> None:
         """Called by the loop after every optimizer step; methods with a teacher update it here."""
 
+    def teachers(self) -> dict[str, EMATeacher]:
+        """The method's EMA teachers by attribute name (kept in float32 outside the registered modules)."""
+        return {key: value for key, value in vars(self).items() if isinstance(value, EMATeacher)}
+
 
 def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def require_arch(cfg: Config, arch: str, method: str) -> None:
-    require(cfg.model.arch == arch, f"method '{method}' needs model.arch: {arch} (got '{cfg.model.arch}')")
+def check_needs(method: type[Method], cfg: Config) -> None:
+    """Each declared need against the data, model and train sections, one line naming the key to set."""
+    needs, name = method.needs, method.name
+    if needs.backbone:
+        require(cfg.model.arch == needs.backbone,
+                f"method '{name}' needs model.arch: {needs.backbone} (got '{cfg.model.arch}')")
+    views = "two views" if needs.views == 2 else "one view"
+    require(cfg.data.views == needs.views,
+            f"method '{name}' reads {views} of each crop: set data.views: {needs.views}")
+    reads = "contrasts crops with their neighbours" if needs.neighbours else "reads no neighbour crops"
+    require(cfg.data.neighbour == needs.neighbours,
+            f"method '{name}' {reads}: set data.neighbour: {str(needs.neighbours).lower()}")
+    require(cfg.train.micro_batch >= needs.min_batch,
+            f"method '{name}' needs train.micro_batch >= {needs.min_batch} (negatives and batch-normalised "
+            "heads)")
+    method.check_config(cfg)
 
 
-def require_views(cfg: Config, method: str) -> None:
-    require(cfg.data.views == 2, f"method '{method}' compares two views of each crop: set data.views: 2")
-    require(cfg.train.micro_batch >= 2,
-            f"method '{method}' needs train.micro_batch >= 2 (negatives and batch-normalised heads)")
+def step_rng(batch: dict) -> torch.Generator | None:
+    """The step's generator the loop put in the batch (None outside the loop: the global RNG is used)."""
+    return batch.get(RNG)
+
+
+# ---- settings shared by families ----------------------------------------------------------------
+
+
+def positive(v: Any) -> bool:
+    return v > 0
+
+
+def non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+@dataclass
+class ProjectionSettings(MethodSettings):
+    proj_dim: int = setting(128, positive, "> 0")  # projection head output
+    hidden_dim: int = setting(512, positive, "> 0")  # projection / prediction head hidden width
+
+
+@dataclass
+class ContrastiveSettings(ProjectionSettings):
+    temperature: float = setting(0.1, positive, "> 0")
+    gather: bool = True  # gather negatives across ranks (gradient-preserving)
+
+
+def momentum_range(v: float) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def ratio_range(v: float) -> bool:
+    return 0.0 <= v < 1.0
+
+
+# ---- EMA teachers -------------------------------------------------------------------------------
 
 
 def cosine_momentum(base: float, step: int, max_steps: int) -> float:
@@ -53,32 +147,90 @@ def cosine_momentum(base: float, step: int, max_steps: int) -> float:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target ← momentum · target + (1 − momentum) · online, parameters and float buffers alike."""
+    """target ← momentum · target + (1 − momentum) · online, parameters and float buffers alike, in the
+    target's precision (the online weights are upcast first)."""
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
-        t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
+        t.mul_(momentum).add_(o.detach().to(t.dtype), alpha=1.0 - momentum)
     for t, o in zip(target.buffers(), online.buffers(), strict=True):
         if t.dtype.is_floating_point:
-            t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
+            t.mul_(momentum).add_(o.detach().to(t.dtype), alpha=1.0 - momentum)
         else:
             t.copy_(o)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy that takes no gradients (an EMA teacher or a frozen stage)."""
+    """A deep copy that takes no gradients (a frozen stage such as the residual method's CAE snapshot)."""
     clone = copy.deepcopy(module)
     for p in clone.parameters():
         p.requires_grad_(False)
     return clone
 
 
+class EMATeacher:
+    """A float32 EMA copy of online modules, held outside the method's registered modules.
+
+    Not being a submodule, it is never cast by the engine's precision (DeepSpeed turns every registered
+    parameter into bf16, where an update of (1 − momentum) · (online − teacher) falls below the
+    resolution once momentum nears 1), never partitioned by ZeRO-3 (each rank holds the same replica)
+    and not part of the module's state dict: checkpoints save it apart, in float32 (`teacher_state`).
+    It follows the online modules' device on first use. Its forward autocasts to the input's dtype."""
+
+    def __init__(self, online: nn.Module) -> None:
+        self.module = frozen_copy(online).float()
+
+    def _follow(self, device: torch.device) -> None:
+        first = next(iter(self.module.parameters()), None)
+        if first is not None and first.device != device:
+            self.module.to(device)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module, momentum: float) -> None:
+        self._follow(next(online.parameters()).device)
+        ema_update(self.module, online, momentum)
+
+    @contextlib.contextmanager
+    def applied_to(self, x: torch.Tensor) -> Iterator[nn.Module]:
+        """The teacher module, on `x`'s device, without gradients, under autocast to `x`'s dtype when
+        that is a half precision (the weights stay float32; each op casts them as it runs)."""
+        self._follow(x.device)
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        cast = torch.autocast(x.device.type, dtype=x.dtype) if half else contextlib.nullcontext()
+        with torch.no_grad(), cast:
+            yield self.module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", torch.float32) for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = next(iter(self.module.parameters())).device
+        self.module.load_state_dict({k: v.to(device, torch.float32) for k, v in state.items()})
+
+
+def teacher_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every EMA teacher of `module` in float32 on the host, under keys `teacher.<attribute>.<tensor>`."""
+    teachers = module.teachers() if hasattr(module, "teachers") else {}
+    return {f"teacher.{attr}.{k}": v for attr, t in teachers.items() for k, v in t.state_dict().items()}
+
+
+def load_teacher_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `teacher_state`; every teacher must be found, whole."""
+    teachers = module.teachers() if hasattr(module, "teachers") else {}
+    for attr, teacher in teachers.items():
+        prefix = f"teacher.{attr}."
+        teacher.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
 class TwoViewMethod(Method):
     """An encoder and a projection MLP applied to `image` and `image2` (SimCLR, BYOL, SimSiam)."""
 
+    Settings = ProjectionSettings
+    needs = Needs(views=2, min_batch=2)
+
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        require_views(cfg, self.name)
         self.backbone = build_backbone(cfg)
-        self.projector = mlp_head(self.backbone.feature_dim, cfg.method.hidden_dim, cfg.method.proj_dim)
+        s = self.settings
+        self.projector = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))

@@ -9,38 +9,44 @@ its own projection head and weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sslmed.config import Config
-from sslmed.methods.base import Method, require, require_arch, require_views
+from sslmed.config import Config, setting
+from sslmed.methods.base import ContrastiveSettings, Method, Needs, non_negative
 from sslmed.methods.losses import nt_xent
 from sslmed.models.cnn3d import CondCNN3D
 from sslmed.models.heads import mlp_head
 
 
+@dataclass
+class DrasCLRSettings(ContrastiveSettings):
+    local_weight: float = setting(1.0, non_negative, ">= 0")  # crop vs. its neighbour
+    global_weight: float = setting(1.0, non_negative, ">= 0")  # region vs. a second view
+
+
 class DrasCLR(Method):
     name = "drasclr"
+    Settings = DrasCLRSettings
+    needs = Needs(views=2, neighbours=True, backbone="cnn3d", location=True, min_batch=2)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        require_arch(cfg, "cnn3d", self.name)
-        require_views(cfg, self.name)
-        require(cfg.data.neighbour, "method 'drasclr' contrasts crops with their neighbours: set "
-                                    "data.neighbour: true")
-        m = cfg.method
+        s = self.settings
         self.backbone = CondCNN3D(cfg.model.size, cfg.model.in_channels, cfg.model.dim, cfg.model.depth)
-        self.local_head = mlp_head(self.backbone.feature_dim, m.hidden_dim, m.proj_dim)
-        self.global_head = mlp_head(self.backbone.feature_dim, m.hidden_dim, m.proj_dim)
+        self.local_head = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim)
+        self.global_head = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        m = self.cfg.method
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s = self.settings
         loc, neighbour_loc = batch["location"], batch["neighbour_location"]
         anchor = self.backbone(batch["image"], loc)
         neighbour = self.backbone(batch["neighbour"], neighbour_loc)
         second_view = self.backbone(batch["image2"], loc)
-        local = nt_xent(self.local_head(anchor), self.local_head(neighbour), m.temperature, gather=m.gather)
+        local = nt_xent(self.local_head(anchor), self.local_head(neighbour), s.temperature, gather=s.gather)
         region = 0.5 * (anchor + neighbour)  # the larger region covered by crop and neighbour
-        glob = nt_xent(self.global_head(region), self.global_head(second_view), m.temperature,
-                       gather=m.gather)
-        loss = m.local_weight * local + m.global_weight * glob
-        return loss, {"loss_local": local.item(), "loss_global": glob.item()}
+        glob = nt_xent(self.global_head(region), self.global_head(second_view), s.temperature,
+                       gather=s.gather)
+        loss = s.local_weight * local + s.global_weight * glob
+        return loss, {"loss_local": local.detach(), "loss_global": glob.detach()}

@@ -103,15 +103,17 @@ def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int, int], channe
     return x.reshape(b, channels, gd * p, gh * p, gw * p)
 
 
-def random_masking(batch: int, tokens: int, ratio: float,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by argsort of uniform noise (facebookresearch/mae).
+def random_masking(batch: int, tokens: int, ratio: float, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by argsort of uniform noise (facebookresearch/mae), the noise drawn from
+    `generator` (on `device`; None: the global RNG).
 
     Returns ids_keep (B, T_keep), mask (B, T) with 1 = masked in raster order, ids_restore (B, T).
     Exactly round(ratio · T) tokens are masked per sample (at least one is kept).
     """
     keep = max(1, tokens - round(ratio * tokens))
-    noise = torch.rand(batch, tokens, device=device)
+    noise = torch.rand(batch, tokens, device=device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(batch, tokens, device=device)
@@ -119,9 +121,10 @@ def random_masking(batch: int, tokens: int, ratio: float,
     return ids_shuffle[:, :keep], torch.gather(mask, 1, ids_restore), ids_restore
 
 
-def random_grid_mask(image: torch.Tensor, patch: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def random_grid_mask(image: torch.Tensor, patch: int, ratio: float, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch-wise random mask for CNNs: visible map (B, 1, d, h, w), 1 = visible; mask (B, T), 1 = masked."""
     b = image.shape[0]
     grid = tuple(s // patch for s in image.shape[2:])
-    _, mask, _ = random_masking(b, grid[0] * grid[1] * grid[2], ratio, image.device)
+    _, mask, _ = random_masking(b, grid[0] * grid[1] * grid[2], ratio, image.device, generator)
     return (1.0 - mask).view(b, 1, *grid).to(image.dtype), mask

@@ -2,34 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sslmed.config import Config
-from sslmed.methods.base import Method, require_arch
+from sslmed.config import Config, MethodSettings, setting
+from sslmed.methods.base import Method, Needs, non_negative, ratio_range, step_rng
 from sslmed.methods.losses import masked_mse, normalise_patches, patchify, random_masking
 from sslmed.models import build_backbone
 from sslmed.models.vit3d import ViTDecoder
 
 
+@dataclass
+class MAESettings(MethodSettings):
+    mask_ratio: float = setting(0.75, ratio_range, "in [0, 1)")  # fraction of patches hidden from the encoder
+    norm_pix_loss: bool = False  # reconstruct per-patch normalised voxels
+    decoder_dim: int = setting(0, non_negative, ">= 0")  # 0: half the encoder width (at least 16)
+    decoder_depth: int = setting(0, non_negative, ">= 0")  # 0: two blocks
+
+
 class MAE(Method):
     name = "mae"
+    Settings = MAESettings
+    needs = Needs(backbone="vit3d")
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        require_arch(cfg, "vit3d", self.name)
+        s = self.settings
         self.backbone = build_backbone(cfg)
         self.patch_size = self.backbone.patch_size
-        self.mask_ratio = cfg.method.mask_ratio
-        self.norm_pix_loss = cfg.method.norm_pix_loss
-        dim = cfg.method.decoder_dim or max(16, self.backbone.dim // 2)
+        self.mask_ratio = s.mask_ratio
+        self.norm_pix_loss = s.norm_pix_loss
+        dim = s.decoder_dim or max(16, self.backbone.dim // 2)
         self.decoder = ViTDecoder(self.backbone.dim, self.patch_size, cfg.model.in_channels, dim=dim,
-                                  depth=cfg.method.decoder_depth or 2, heads=max(1, dim // 32))
+                                  depth=s.decoder_depth or 2, heads=max(1, dim // 32))
 
-    def masked_forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mask, encode the visible tokens, decode all; everything the losses need."""
+    def masked_forward(self, image: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Mask (drawn from `generator`), encode the visible tokens, decode all; what the losses need."""
         grid = self.backbone.grid(image)
         tokens = grid[0] * grid[1] * grid[2]
-        ids_keep, mask, ids_restore = random_masking(image.shape[0], tokens, self.mask_ratio, image.device)
+        ids_keep, mask, ids_restore = random_masking(image.shape[0], tokens, self.mask_ratio, image.device,
+                                                     generator)
         visible = self.backbone.forward_tokens(image, ids_keep)
         pred, latent = self.decoder(visible, ids_restore, grid)
         return {"ids_keep": ids_keep, "mask": mask, "ids_restore": ids_restore, "visible": visible,
@@ -41,7 +55,7 @@ class MAE(Method):
             target = normalise_patches(target)
         return masked_mse(out["pred"], target, out["mask"])
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.masked_forward(batch["image"])
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.masked_forward(batch["image"], step_rng(batch))
         loss = self.reconstruction_loss(batch["image"], out)
-        return loss, {"loss_recon": loss.item()}
+        return loss, {"loss_recon": loss.detach()}

@@ -7,17 +7,18 @@ reconstructs the volume from the deepest map and the loss counts masked patches 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sslmed.config import Config
-from sslmed.methods.base import Method, require, require_arch
+from sslmed.config import Config, MethodSettings, setting
+from sslmed.methods.base import Method, Needs, ratio_range, require, step_rng
 from sslmed.methods.losses import masked_mse, normalise_patches, patchify, random_grid_mask
 from sslmed.models import build_backbone
 from sslmed.models.cnn3d import DOWNSAMPLE, CNNDecoder
 
 
-def require_cnn_masking(cfg: Config, method: str) -> None:
-    require_arch(cfg, "cnn3d", method)
+def check_cnn_masking(cfg: Config, method: str) -> None:
     p, s = cfg.model.patch_size, cfg.data.crop_size
     require(s % DOWNSAMPLE == 0,
             f"method '{method}': data.crop_size ({s}) must be a multiple of {DOWNSAMPLE}")
@@ -29,22 +30,33 @@ def require_cnn_masking(cfg: Config, method: str) -> None:
             f"method '{method}': data.crop_size ({s}) must be a multiple of model.patch_size ({p})")
 
 
+@dataclass
+class ResMAESettings(MethodSettings):
+    mask_ratio: float = setting(0.75, ratio_range, "in [0, 1)")  # fraction of patches hidden
+    norm_pix_loss: bool = False  # reconstruct per-patch normalised voxels
+
+
 class ResMAE(Method):
     name = "resmae"
+    Settings = ResMAESettings
+    needs = Needs(backbone="cnn3d")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        check_cnn_masking(cfg, cls.name)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        require_cnn_masking(cfg, self.name)
         self.backbone = build_backbone(cfg)
         self.decoder = CNNDecoder(self.backbone.widths, cfg.model.in_channels, skips=False)
-        self.patch_size, self.mask_ratio = cfg.model.patch_size, cfg.method.mask_ratio
+        self.patch_size, self.mask_ratio = cfg.model.patch_size, self.settings.mask_ratio
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image = batch["image"]
-        visible, mask = random_grid_mask(image, self.patch_size, self.mask_ratio)
+        visible, mask = random_grid_mask(image, self.patch_size, self.mask_ratio, step_rng(batch))
         recon = self.decoder(self.backbone.forward_features(image, mask=visible))
         target = patchify(image, self.patch_size)
-        if self.cfg.method.norm_pix_loss:
+        if self.settings.norm_pix_loss:
             target = normalise_patches(target)
         loss = masked_mse(patchify(recon, self.patch_size), target, mask)
-        return loss, {"loss_recon": loss.item()}
+        return loss, {"loss_recon": loss.detach()}

@@ -15,11 +15,11 @@ class SimSiam(TwoViewMethod):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        m = cfg.method
-        self.predictor = mlp_head(m.proj_dim, m.hidden_dim, m.proj_dim)
+        s = self.settings
+        self.predictor = mlp_head(s.proj_dim, s.hidden_dim, s.proj_dim)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, z2 = self.project(batch["image"]), self.project(batch["image2"])
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * negative_cosine(p1, z2) + 0.5 * negative_cosine(p2, z1)  # in [-1, 1]
-        return loss, {"loss_simsiam": loss.item()}
+        return loss, {"loss_simsiam": loss.detach()}

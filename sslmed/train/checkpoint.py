@@ -1,10 +1,12 @@
 """Full-state checkpoints (atomic, last K kept), resume, and encoder export.
 
-A checkpoint is `RUN/checkpoints/step_N/`: the DeepSpeed engine state (model — EMA teachers included,
-they are module state —, optimizer, LR schedule, step), `extras/rank_R.pt` per rank (data pipeline
-position, python / numpy / torch RNG states), `config.yaml`, and the `complete` marker (JSON: step,
-world size, ZeRO stage, config digest). It is written as `tmp-step_N`, the marker last, then renamed:
-a crash at any point leaves either a complete `step_N` or a `tmp-*` directory that resume ignores.
+A checkpoint is `RUN/checkpoints/step_N/`: the DeepSpeed engine state (model, optimizer, LR schedule,
+step), `teachers.pt` (the method's EMA teachers in float32, keys `teacher.<attribute>.<tensor>`; they
+live outside the engine), `extras/rank_R.pt` per rank (data pipeline position), `config.yaml`, and the
+`complete` marker (JSON: step, world size, ZeRO stage, config digest). No RNG state is saved: a step's
+random draws are a function of its position (`sslmed.rng`). It is written as `tmp-step_N`, the marker
+last, then renamed: a crash at any point leaves either a complete `step_N` or a `tmp-*` directory that
+resume ignores.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,11 @@ from torch import nn
 from sslmed import __version__
 from sslmed.config import Config, config_from_dict, save_config
 from sslmed.errors import CheckpointError, ConfigError, SslmedError
+from sslmed.methods.base import load_teacher_state, teacher_state
 
 MARKER = "complete"
 LATEST = "latest"
+TEACHERS = "teachers.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -147,8 +151,9 @@ def check_compatible(ckpt: Checkpoint, cfg: Config, zero_stage: int) -> None:
     saved = load_saved_config(ckpt.path)
     for section in ("model", "method"):
         if getattr(saved, section) != getattr(cfg, section):
-            old, new = vars(getattr(saved, section)), vars(getattr(cfg, section))
-            diff = ", ".join(f"{section}.{k}: {old[k]!r} → {new[k]!r}" for k in old if old[k] != new[k])
+            old, new = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
+            diff = ", ".join(f"{section}.{k}: {old.get(k)!r} → {new.get(k)!r}" for k in {**old, **new}
+                             if old.get(k) != new.get(k))
             raise CheckpointError(f"checkpoint {ckpt.path} was trained with a different {section} "
                                   f"configuration ({diff}); start the new configuration in a new run.dir")
 
@@ -161,27 +166,11 @@ def load_saved_config(path: Path) -> Config:
         raise CheckpointError(f"{file}: cannot read the checkpoint's config: {exc}") from None
 
 
-# ---- RNG and per-rank extras --------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """Tensors and plain values only, so the file loads with torch.load(weights_only=True)."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.copy()), pos,
-                                                           has_gauss, cached],
-            "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+# ---- seeds and per-rank extras ------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
+    """Seed the global RNGs: what is drawn outside training steps (initial weights) is reproducible."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -217,7 +206,10 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, loader_state: dict, c
     engine.save(root, tmp.name)
     extras = extras_path(tmp, rank)
     extras.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"loader": loader_state, "rng": rng_state(), "step": step}, extras)
+    torch.save({"loader": loader_state, "step": step}, extras)
+    teachers = teacher_state(engine.module)  # the same on every rank: rank 0 writes them
+    if rank == 0 and teachers:
+        torch.save(teachers, tmp / TEACHERS)
     barrier()
     if rank == 0:
         save_config(cfg, tmp / "config.yaml")
@@ -256,11 +248,10 @@ def needs_universal(ckpt: Checkpoint, world: int) -> bool:
     return ckpt.zero_stage >= 1 and ckpt.world != world
 
 
-def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
-    """Load engine state and data position; returns the RNG state to set once the data stream has
-    started (starting it draws from the global RNG, as it did before the checkpoint was taken), or
-    None when the world size changed: positions within an epoch and RNG states are per rank and do not
-    carry over, so the new ranks' streams begin at the epoch after the saved one."""
+def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> None:
+    """Load engine state, EMA teachers and data position. When the world size changed, positions within
+    an epoch are per rank and do not carry over: the new ranks' streams begin at the epoch after the
+    saved one. (RNG states saved by earlier versions in the extras are ignored: nothing needs them.)"""
     from sslmed.train.engine import barrier, to_universal
 
     rank, world = engine.info.rank, engine.info.world
@@ -278,13 +269,22 @@ def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> dict | None:
         raise
     except Exception as exc:  # DeepSpeed raises assorted errors for shape/state mismatches
         raise CheckpointError(f"cannot load checkpoint {ckpt.path}: {type(exc).__name__}: {exc}") from None
+    restore_teachers(engine.module, ckpt)
     if ckpt.world != world:
         if loader is not None:
             loader.start_at_epoch(int(load_extras(ckpt, 0)["loader"]["epoch"]) + 1)
-        return None
-    extras = load_extras(ckpt, rank)
-    loader.load_state_dict(extras["loader"])
-    return extras["rng"]
+        return
+    loader.load_state_dict(load_extras(ckpt, rank)["loader"])
+
+
+def restore_teachers(module: nn.Module, ckpt: Checkpoint) -> None:
+    if not teacher_state(module):
+        return
+    path = ckpt.path / TEACHERS
+    try:
+        load_teacher_state(module, torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot restore the method's EMA teachers: {exc}") from None
 
 
 # ---- export -------------------------------------------------------------------------------------

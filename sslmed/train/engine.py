@@ -115,10 +115,26 @@ def all_reduce_max(flag: bool) -> bool:
     return bool(value.item())
 
 
-def all_reduce_mean(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+def _stacked(values: list[float | torch.Tensor]) -> torch.Tensor:
+    """Scalars (host floats or tensors on any device) as one float64 vector on the collective device;
+    nothing here waits for the device."""
+    device = collective_device()
+    return torch.stack([torch.as_tensor(v).to(device, torch.float64, non_blocking=True).reshape(())
+                        for v in values])
+
+
+def all_reduce_mean(values: list[float | torch.Tensor]) -> list[float]:
+    """The mean over ranks of each value, brought to the host in one transfer."""
+    tensor = _stacked(values)
     dist.all_reduce(tensor)
     return (tensor / dist.get_world_size()).tolist()
+
+
+def all_reduce_max_values(values: list[float | torch.Tensor]) -> list[float]:
+    """The maximum over ranks of each value, brought to the host in one transfer."""
+    tensor = _stacked(values)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -237,7 +253,7 @@ class Engine:
         self.dtype = dtype
         self.zero_stage = zero_stage
         self.own_norm = zero_stage == 0 and dtype == torch.float32
-        self._norm: float | None = None
+        self._norm: torch.Tensor | None = None  # stays on the device until grad_norm() is asked
         self.trust_checkpoints = False  # checkpoint.trust: load checkpoints that need arbitrary classes
 
     @property
@@ -270,13 +286,14 @@ class Engine:
         if self.own_norm and self.ds.is_gradient_accumulation_boundary():
             # ZeRO-0 fp32 has no optimizer wrapper that records the norm; measure it before clipping.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            self._norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            self._norm = torch.nn.utils.get_total_norm(grads).detach() if grads else None
         self.ds.step()
 
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
     def grad_norm(self) -> float:
+        """The last step's gradient norm before clipping (reading it waits for the device)."""
         norm = self._norm if self.own_norm else self.ds.get_global_grad_norm()
         if norm is None:
             return float("nan")
@@ -287,9 +304,13 @@ class Engine:
         """Full parameters for code that reads or writes them outside forward/backward (EMA teacher
         updates in `on_step_end`). Under ZeRO-3 every parameter is a shard; gathering them, with rank 0's
         result re-partitioned on exit, gives the hook the whole tensors. Other stages hold them already.
-        With `frozen_only`, only modules with frozen parameters (EMA teachers) pay for the gather."""
+        With `frozen_only`, only modules that keep teachers (EMA teachers, which live outside the
+        registered modules, or frozen parameters) pay for the gather."""
         params = list(self.module.parameters())
-        if self.zero_stage < 3 or (frozen_only and all(p.requires_grad for p in params)):
+        teachers = getattr(self.module, "teachers", None)
+        keeps_teachers = bool(teachers()) if callable(teachers) else False
+        trained_only = not keeps_teachers and all(p.requires_grad for p in params)
+        if self.zero_stage < 3 or (frozen_only and trained_only):
             yield
             return
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):

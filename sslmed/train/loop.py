@@ -1,18 +1,24 @@
-"""`pretrain(cfg)`: the training loop. It knows no method — only `loss, logs = method(batch)`."""
+"""`pretrain(cfg)`: the training loop. It knows no method — only `loss, logs = method(batch)`.
+
+Between two log steps the loop never waits for the device: the method's terms stay device tensors, the
+non-finite check is a device-side flag, and the cross-rank reduction, the flag and the stop request are
+read once per `train.log_every` steps (and before a checkpoint is written).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
+from sslmed import rng
 from sslmed.config import Config, save_config
 from sslmed.errors import DataError, SslmedError
 from sslmed.lock import DirectoryLock
@@ -75,20 +81,15 @@ def pretrain_holding_run_dir(cfg: Config, info: eng.DistInfo, build_method: Meth
     method = build_method(cfg)
     engine = eng.build_engine(cfg, method, info,
                               universal=resume is not None and ckpt.needs_universal(resume, info.world))
-    ckpt.seed_everything(cfg.train.seed * 1000 + info.rank)  # per-rank randomness (masks, noise)
     loader = build_loader(cfg, info.rank, info.world)
-    step, rng = 0, None
+    step = 0
     if resume is not None:
-        step, rng = resume.step, ckpt.restore(engine, resume, loader)
+        step = resume.step
+        ckpt.restore(engine, resume, loader)
         if info.rank == 0:
             tqdm.write(f"resumed from {resume.path} at step {step}")
-    # Starting the stream draws from the global RNG (a DataLoader takes its base seed there), as it did
-    # once before the checkpoint was taken: restore the saved state after that draw, not before.
+    # A step's random draws depend on its position alone (`step_rng`), so nothing about them is restored.
     batches = first_batch_checked(iter(loader), cfg)
-    if rng is not None:
-        ckpt.set_rng_state(rng)
-    elif resume is not None:  # another world size: fresh per-rank randomness, distinct from step 0's
-        ckpt.seed_everything(cfg.train.seed * 1000 + info.rank + 7919 * step)
 
     with stop_on_sigterm() as stop_requested:
         step = train(cfg, engine, loader, batches, run_dir, step, stop_requested)
@@ -104,24 +105,30 @@ def train(cfg: Config, engine: eng.Engine, loader: Any, batches: Iterator[dict],
     info, steps, method = engine.info, cfg.train.steps, engine.module
     logger = RunLogger(run_dir, step) if info.rank == 0 else None
     meter = Throughput()
+    health = NonFinite(info.device)
     bar = progress(steps, initial=step, disable=info.rank != 0, desc="pretrain", unit="step")
     try:
         while step < steps:
             watchdog.note_step(step + 1)
             lr = engine.lr()  # the rate this step uses; the schedule advances inside engine.step()
-            terms = accumulate(engine, batches, meter, cfg.train.grad_accum)
+            terms = accumulate(engine, batches, meter, cfg, step + 1)
             step += 1
+            health.observe(terms["loss"], step)
             with engine.full_params():
                 method.on_step_end(step, steps)
-            if step % cfg.train.log_every == 0 or step == steps:
+            every = cfg.checkpoint.every
+            log_due = step % cfg.train.log_every == 0 or step == steps
+            save_due = bool(every and step % every == 0) or step == steps
+            stop = False
+            if log_due or save_due:  # the only points where the host waits for the device
+                stop = health.check_and_stop(stop_requested())
+            if log_due:
                 record = log_record(step, terms, lr, engine, meter, loader)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if logger is not None:
                     logger.log(record)
             bar.update(1)
-            stop = eng.all_reduce_max(stop_requested())
-            every = cfg.checkpoint.every
-            if (every and step % every == 0) or step == steps or stop:
+            if save_due or stop:
                 ckpt.save_checkpoint(engine, run_dir, step, loader.state_dict(), cfg)
             if stop:
                 if info.rank == 0:
@@ -134,26 +141,60 @@ def train(cfg: Config, engine: eng.Engine, loader: Any, batches: Iterator[dict],
     return step
 
 
-def accumulate(engine: eng.Engine, batches: Iterator[dict], meter: Throughput, micro_steps: int
-               ) -> dict[str, float]:
-    """One optimizer step over `micro_steps` micro-batches; the mean loss and terms."""
-    totals: dict[str, float] = {}
-    for _ in range(micro_steps):
+def step_rng(cfg: Config, engine: eng.Engine, step: int, micro_step: int) -> torch.Generator:
+    """The generator every random draw of (step, micro-step) on this rank comes from, on its device."""
+    return rng.step_generator(cfg.train.seed, engine.info.rank, step, engine.info.device,
+                              stream=rng.METHOD, micro_step=micro_step)
+
+
+def accumulate(engine: eng.Engine, batches: Iterator[dict], meter: Throughput, cfg: Config, step: int
+               ) -> dict[str, torch.Tensor | float]:
+    """Optimizer step `step` over `train.grad_accum` micro-batches; the mean loss and terms, still on the
+    device (plain floats where a method logs a host value)."""
+    from sslmed.methods.base import RNG
+
+    micro_steps = cfg.train.grad_accum
+    totals: dict[str, torch.Tensor | float] = {}
+    for micro_step in range(micro_steps):
         batch = next(batches)
-        loss, logs = engine(batch)
+        loss, logs = engine({**batch, RNG: step_rng(cfg, engine, step, micro_step)})
         engine.backward(loss)
         engine.step()
         meter.add(batch, engine.info.world)
-        for key, value in {"loss": float(loss.detach()), **logs}.items():
-            totals[key] = totals.get(key, 0.0) + float(value) / micro_steps
-    if not math.isfinite(totals["loss"]):
-        raise FloatingPointError(f"loss is {totals['loss']} at step {engine.global_step}; lower optim.lr "
-                                 "or use train.precision=fp32")
+        for key, value in {"loss": loss.detach(), **logs}.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            totals[key] = totals.get(key, 0.0) + value / micro_steps
     return totals
 
 
-def log_record(step: int, terms: dict[str, float], lr: float, engine: eng.Engine, meter: Throughput,
-               loader: Any) -> dict[str, Any]:
+class NonFinite:
+    """Catches a non-finite loss without a per-step sync: each step updates, on the device, the first step
+    whose loss was not finite (one isfinite and one where on a scalar); `check_and_stop` reads it, with
+    the stop request, in one cross-rank reduction at log and checkpoint steps. The cost: a non-finite loss
+    is reported up to `train.log_every` − 1 steps after it happened, but always before a checkpoint."""
+
+    NONE = float(2**52)  # larger than any step: "no non-finite loss yet"
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), self.NONE, dtype=torch.float64, device=device)
+
+    def observe(self, loss: torch.Tensor | float, step: int) -> None:
+        loss = torch.as_tensor(loss)
+        bad = ~torch.isfinite(loss.to(self.first.device, non_blocking=True))
+        here = torch.full_like(self.first, step)
+        self.first = torch.where(bad, torch.minimum(self.first, here), self.first)
+
+    def check_and_stop(self, stop_here: bool) -> bool:
+        """Raise if any rank saw a non-finite loss; True if any rank was asked to stop."""
+        first, stop = eng.all_reduce_max_values([-self.first, 1.0 if stop_here else 0.0])  # -max(-x) = min x
+        if -first < self.NONE:
+            raise FloatingPointError(f"loss is not finite at step {int(-first)}; lower optim.lr or use "
+                                     "train.precision=fp32")
+        return stop > 0
+
+
+def log_record(step: int, terms: dict[str, torch.Tensor | float], lr: float, engine: eng.Engine,
+               meter: Throughput, loader: Any) -> dict[str, Any]:
     keys = sorted(terms)  # every rank logs the same terms, in the same order
     means = dict(zip(keys, eng.all_reduce_mean([terms[k] for k in keys]), strict=True))
     record = {"step": step, "loss": means.pop("loss"), **means, "lr": lr,
