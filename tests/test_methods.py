@@ -217,7 +217,10 @@ def test_residual_stages_follow_the_saved_step_counter() -> None:
      "key=value"),
     (["method.name=spark", "model.arch=cnn3d", "data.crop_size=24", "model.patch_size=8"], "multiple of 16"),
     (["method.name=spark", "model.arch=cnn3d", "data.crop_size=32", "model.patch_size=8"], "downsampling"),
-    (["method.mask_ratio=1.0"], r"'method.mask_ratio' must be in \[0, 1\)"),
+    (["method.mask_ratio=1.0"], r"'method.mask_ratio' must be in \(0, 1\)"),
+    (["method.mask_ratio=0"], r"'method.mask_ratio' must be in \(0, 1\)"),
+    (["data.crop_size=8"], "masks 1; it must hide at least one patch and show at least one"),
+    (["method.mask_ratio=0.005"], "masks 0; it must hide at least one patch"),
     (["method.name=byol", "method.ema_momentum=1.5"], "must be in"),
 ])
 def test_config_mistakes_name_the_key(overrides: list[str], match: str) -> None:

@@ -97,7 +97,22 @@ def check_needs(method: type[Method], cfg: Config) -> None:
     require(cfg.train.micro_batch >= needs.min_batch,
             f"method '{name}' needs train.micro_batch >= {needs.min_batch} (negatives and batch-normalised "
             "heads)")
+    check_masking(cfg, name)
     method.check_config(cfg)
+
+
+def check_masking(cfg: Config, method: str) -> None:
+    """A masked method must hide at least one patch of each crop and show at least one, or it trains
+    nothing (a crop of one patch, or a ratio that rounds to no masked patch)."""
+    ratio = getattr(cfg.method, "mask_ratio", None)
+    if ratio is None:
+        return
+    patches = (cfg.data.crop_size // max(cfg.model.patch_size, 1)) ** 3
+    masked = round(ratio * patches)
+    require(1 <= masked < patches,
+            f"method '{method}': method.mask_ratio {ratio} of {patches} patch(es) per crop (data.crop_size "
+            f"{cfg.data.crop_size}, model.patch_size {cfg.model.patch_size}) masks {masked}; it must hide at "
+            "least one patch and show at least one")
 
 
 def step_rng(batch: dict) -> torch.Generator | None:
@@ -133,7 +148,7 @@ def momentum_range(v: float) -> bool:
 
 
 def ratio_range(v: float) -> bool:
-    return 0.0 <= v < 1.0
+    return 0.0 < v < 1.0  # 0 would mask nothing: the method would learn nothing and still export
 
 
 # ---- EMA teachers -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from sslmed.models.vit3d import ViTDecoder
 
 @dataclass
 class MAESettings(MethodSettings):
-    mask_ratio: float = setting(0.75, ratio_range, "in [0, 1)")  # fraction of patches hidden from the encoder
+    mask_ratio: float = setting(0.75, ratio_range, "in (0, 1)")  # fraction of patches hidden from the encoder
     norm_pix_loss: bool = False  # reconstruct per-patch normalised voxels
     decoder_dim: int = setting(0, non_negative, ">= 0")  # 0: half the encoder width (at least 16)
     decoder_depth: int = setting(0, non_negative, ">= 0")  # 0: two blocks

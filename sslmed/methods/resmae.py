@@ -32,7 +32,7 @@ def check_cnn_masking(cfg: Config, method: str) -> None:
 
 @dataclass
 class ResMAESettings(MethodSettings):
-    mask_ratio: float = setting(0.75, ratio_range, "in [0, 1)")  # fraction of patches hidden
+    mask_ratio: float = setting(0.75, ratio_range, "in (0, 1)")  # fraction of patches hidden
     norm_pix_loss: bool = False  # reconstruct per-patch normalised voxels
 
 

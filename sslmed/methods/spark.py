@@ -23,7 +23,7 @@ from sslmed.models.cnn3d import CNNDecoder, resize_mask
 
 @dataclass
 class SparKSettings(MethodSettings):
-    mask_ratio: float = setting(0.75, ratio_range, "in [0, 1)")  # fraction of patches hidden
+    mask_ratio: float = setting(0.75, ratio_range, "in (0, 1)")  # fraction of patches hidden
 
 
 class SparK(Method):
