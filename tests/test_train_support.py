@@ -74,7 +74,9 @@ class ToyLoader:
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> Config:
-    return load_config(None, [f"run.dir={run_dir}", f"data.crop_size={CROP}", "train.micro_batch=2",
+    # patch 8: the config names MAE, whose masking needs more than one patch per crop
+    return load_config(None, [f"run.dir={run_dir}", f"data.crop_size={CROP}", "model.patch_size=8",
+                              "train.micro_batch=2",
                               "train.steps=4", "checkpoint.every=2", "optim.warmup_steps=2",
                               "optim.lr=0.001", *overrides])
 
