@@ -331,7 +331,7 @@ def export_run(run_dir: str | Path, out: str | Path, trust: bool = False) -> Pat
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoints_dir(Path(run_dir))}")
     ckpt = found[-1]
     cfg = load_saved_config(ckpt.path)
-    method = build_method(cfg)
+    method = build_method(cfg, initialise=False)  # the checkpoint's weights replace any model.init
     try:
         state = consolidated_state_dict(ckpt.path.parent, ckpt.tag, ckpt.zero_stage, trust=trust)
     except SslmedError:
