@@ -67,3 +67,66 @@ def test_model_init_starts_the_encoder_from_an_export_and_refuses_another_archit
     assert "\n" not in str(error.value) and "model.init" in str(error.value) and "dim=16" in str(error.value)
     with pytest.raises(ConfigError, match="model.init: .*not found"):
         build_method(load_config("sssd-tiny", [*small, f"model.init={tmp_path / 'none.safetensors'}"]))
+
+
+# ---- the CAE-residual paper's method and baselines on one ResNet-18 ------------------------------
+
+
+def test_the_resnet18_configs_build_one_and_the_same_backbone() -> None:
+    from sslmed.models.resnet3d import ResNet3D
+
+    exports = {}
+    for name in ("simclr-resnet18", "byol-resnet18", "simsiam-resnet18", "residual-resnet18"):
+        cfg = load_config(name)
+        encoder = build_method(cfg).encoder()
+        assert type(encoder) is ResNet3D and cfg.data.crop_size == 64
+        exports[name] = encoder.export_config()
+        assert encoder.widths == [64, 128, 256, 512] and encoder.depth == 18
+        assert sum(p.numel() for p in encoder.parameters()) == sum(
+            p.numel() for p in ResNet3D(size="base", depth=18).parameters())
+    assert len({str(sorted(e["kwargs"].items())) for e in exports.values()}) == 1
+    simclr = build_method(load_config("simclr-resnet18"))
+    assert simclr.settings.temperature == 0.07
+    linears = [m for m in simclr.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 512)]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in simclr.projector)
+
+
+def reference_target(image: torch.Tensor, reconstruction: torch.Tensor, kernel: int):
+    """numpy/scipy: |x − x̂|, per-volume 1–99 % percentile rescale clipped to [0, 1], median filter."""
+    import numpy as np
+    from scipy.ndimage import median_filter
+
+    out = []
+    for x, r in zip(image.numpy(), reconstruction.numpy(), strict=True):
+        residual = np.abs(x - r)
+        lo, hi = np.percentile(residual, [1, 99])
+        scaled = np.clip((residual - lo) / (hi - lo), 0, 1)
+        out.append(median_filter(scaled, size=(1, kernel, kernel, kernel), mode="nearest"))
+    return torch.from_numpy(np.stack(out)).float()
+
+
+def test_residual_stage1_is_l1_of_a_dense_cae_on_normals_and_stage2_bce_against_the_soft_target() -> None:
+    from sslmed.models.cae import ConvAutoencoder3D
+
+    torch.manual_seed(5)
+    method = build_method(load_config("residual-tiny", ["method.stage1_steps=1", "method.cae_latent=24"]))
+    assert isinstance(method.cae, ConvAutoencoder3D) and method.cae.to_code.out_features == 24
+    image = smooth(3, method.cfg.data.crop_size).sigmoid()
+    batch = {"image": image, "tags": [{"status": "normal"}, {"status": "anomalous"}, {"status": "normal"}]}
+    loss, _ = method(batch)
+    normals = image[[0, 2]]
+    assert torch.allclose(loss, (method.cae(normals) - normals).abs().mean())
+    loss.backward()
+    method.on_step_end(0, 2)  # stage 1 ends: the frozen CAE is the trained one
+    assert method.stage == 2
+    loss, logs = method(batch)
+    with torch.no_grad():
+        method.frozen_cae.eval()
+        target = reference_target(image, method.frozen_cae(image), method.cfg.method.median_kernel)
+        logits = method.unet(image)
+    assert target.min() >= 0 and target.max() <= 1 and target.std() > 0
+    assert torch.allclose(method.target(image), target, atol=1e-6)
+    expected = -(target * torch.nn.functional.logsigmoid(logits)
+                 + (1 - target) * torch.nn.functional.logsigmoid(-logits)).mean()
+    assert torch.allclose(loss, expected, atol=1e-5) and logs["stage"] == 2.0
