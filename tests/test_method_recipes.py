@@ -130,3 +130,34 @@ def test_residual_stage1_is_l1_of_a_dense_cae_on_normals_and_stage2_bce_against_
     expected = -(target * torch.nn.functional.logsigmoid(logits)
                  + (1 - target) * torch.nn.functional.logsigmoid(-logits)).mean()
     assert torch.allclose(loss, expected, atol=1e-5) and logs["stage"] == 2.0
+
+
+# ---- the contrastive autoencoder ------------------------------------------------------------------
+
+
+def test_the_contrastive_autoencoder_contrasts_the_dense_code_its_decoder_reads(tmp_path) -> None:
+    from sslmed.methods.losses import nt_xent
+    from sslmed.train.checkpoint import load_encoder
+
+    torch.manual_seed(6)
+    method = build_method(load_config("contrastive_ae-tiny", ["method.code_dim=12", "method.gather=false"]))
+    x1, x2 = smooth(4, 32), smooth(4, 32)
+    codes: dict[str, list[torch.Tensor]] = {"projector": [], "decoder": []}
+    # every input the projector and the decoder receive is the encoder's output h
+    for reader in codes:
+        getattr(method, reader).register_forward_hook(lambda m, args, out, r=reader: codes[r].append(args[0]))
+    loss, logs = method({"image": x1, "image2": x2})
+    h1, h2 = method.backbone(x1), method.backbone(x2)
+    assert h1.shape == (4, 12)
+    for reader in ("projector", "decoder"):
+        assert all(torch.allclose(a, b) for a, b in zip(codes[reader], (h1, h2), strict=True))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in method.projector)
+    assert sum(isinstance(m, torch.nn.Linear) for m in method.projector) == 3
+    s = method.settings
+    recon = ((method.decoder(h1) - x1) ** 2).mean() + ((method.decoder(h2) - x2) ** 2).mean()
+    expected = s.contrastive_weight * nt_xent(method.projector(h1), method.projector(h2), s.temperature,
+                                              gather=False) + 0.1 * recon
+    assert s.recon_weight == 0.1 and torch.allclose(loss, expected, atol=1e-5)
+    # the exported encoder gives h: what the cluster evaluation reads
+    path = export_encoder(method.encoder(), tmp_path / "cae.safetensors", {})
+    assert torch.allclose(load_encoder(path)(x1), h1.detach(), atol=1e-5)
