@@ -68,6 +68,10 @@ class ContrastiveAE(Method):
         self.decoder = CodeDecoder(self.backbone, cfg.model.in_channels)
         self.projector = projector_mlp(s.code_dim, s.hidden_dim, s.proj_dim, s.projector_bn)
 
+    def decode_code(self, code: torch.Tensor) -> torch.Tensor:
+        """Volumes from dense codes (`sslmed sample` draws the codes from a Gaussian fitted on h)."""
+        return self.decoder(code)
+
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(projection z, reconstruction) of one view, both from the same code h."""
         code = self.backbone(x)
