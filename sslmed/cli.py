@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load a checkpoint that needs classes beyond DeepSpeed's own "
                         "(UNSAFE: may run code)")
 
+    sample = sub.add_parser("sample", help="decode new volumes from a Gaussian fitted on a run's codes "
+                            "(contrastive_ae)")
+    sample.add_argument("run")
+    sample.add_argument("--n", type=int, default=8, help="how many volumes")
+    sample.add_argument("--out", help="output folder (default RUN/samples)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs classes beyond DeepSpeed's own "
+                        "(UNSAFE: may run code)")
+
     bench = sub.add_parser("bench", help="benchmarks (print a table and a key=value summary line)")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -153,6 +163,13 @@ def run(args: argparse.Namespace) -> int:
         from sslmed.train.checkpoint import export_run
 
         export_run(args.run, args.out, trust=args.trust_checkpoint)
+        return 0
+    if args.command == "sample":
+        from sslmed.sample import sample_run
+
+        for path in sample_run(args.run, args.n, args.out or str(Path(args.run) / "samples"), args.seed,
+                               trust=args.trust_checkpoint):
+            print(path)
         return 0
     if args.command == "bench":
         return run_benchmark(args.name, args.args)

@@ -59,6 +59,7 @@ class ModelConfig:
     dim: int = 0  # 0: the size's default (ViT width; CNN first-stage width)
     depth: int = 0  # 0: the size's default (ViT blocks; CNN residual units per stage)
     heads: int = 0  # 0: the size's default (ViT attention heads)
+    init: str = ""  # an exported encoder (.safetensors + .json) whose weights start the run's encoder
 
 
 def setting(default: Any, check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:

@@ -135,6 +135,7 @@ def non_negative(v: Any) -> bool:
 class ProjectionSettings(MethodSettings):
     proj_dim: int = setting(128, positive, "> 0")  # projection head output
     hidden_dim: int = setting(512, positive, "> 0")  # projection / prediction head hidden width
+    projector_bn: bool = True  # BatchNorm in the projection head's hidden layer
 
 
 @dataclass
@@ -245,7 +246,7 @@ class TwoViewMethod(Method):
         super().__init__(cfg)
         self.backbone = build_backbone(cfg)
         s = self.settings
-        self.projector = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim)
+        self.projector = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim, s.projector_bn)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))

@@ -35,8 +35,8 @@ class DrasCLR(Method):
         super().__init__(cfg)
         s = self.settings
         self.backbone = CondCNN3D(cfg.model.size, cfg.model.in_channels, cfg.model.dim, cfg.model.depth)
-        self.local_head = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim)
-        self.global_head = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim)
+        self.local_head = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim, s.projector_bn)
+        self.global_head = mlp_head(self.backbone.feature_dim, s.hidden_dim, s.proj_dim, s.projector_bn)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.settings

@@ -1,11 +1,17 @@
-"""Residual learning (seed 001), two stages in one run.
+"""CAE-residual self-supervision (seed 001), both stages in one run, as the paper's authors build it.
 
-Stage 1 (`method.stage1_steps` steps): a 3-D convolutional autoencoder (CAE, no skips) learns to
-reconstruct normal volumes only (samples whose tags match `method.normal_tag`). Stage 2: a frozen
-snapshot of the CAE turns every volume into its residual |x − CAE(x)|, a coarse anomaly map, and a
-second 3-D CNN (encoder + decoder) learns to predict that residual from x. The stage-2 encoder is the
-one exported. The stage follows from `steps_done`, a buffer saved with the state, so resume is exact;
-the host keeps a copy of it, so that choosing the stage never waits for the device.
+Stage 1 (`method.stage1_steps` steps): a small convolutional autoencoder with a dense bottleneck
+(`models.cae.ConvAutoencoder3D`, `method.cae_latent`-d code) learns, with an L1 loss, to reconstruct the
+normal samples only (those whose tags match `method.normal_tag`); samples of any other tag are ignored.
+Its tight code is the point: it fails on what it has not seen, anomalies.
+Stage 2: a frozen snapshot of the CAE turns every crop into the soft target
+`models.residual_target.residual_target` (|x − CAE(x)|, per-volume 1–99 % percentile rescale to [0, 1],
+3-D median filter of `method.median_kernel`), computed on the fly on the step's device, and a 3-D
+ResNet with a U-Net decoder (`models.resnet3d.ResUNet3D`) learns to predict it under BCE-with-logits.
+The ResNet encoder is the one exported.
+
+The stage follows from `steps_done`, a buffer saved with the state, so resume is exact; the host keeps a
+copy of it, so that choosing the stage never waits for the device.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslmed.config import Config, MethodSettings, setting
-from sslmed.methods.base import Method, Needs, frozen_copy, require
+from sslmed.methods.base import Method, Needs, frozen_copy, positive, require
 from sslmed.models import build_backbone
-from sslmed.models.cnn3d import CNNDecoder
+from sslmed.models.cae import CAE_DOWNSAMPLE, ConvAutoencoder3D
+from sslmed.models.residual_target import residual_target
+from sslmed.models.resnet3d import RESNET_DOWNSAMPLE, ResUNet3D
 
 
 def parse_tag(text: str) -> tuple[str, str]:
@@ -28,38 +36,43 @@ def parse_tag(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def odd_positive(v: int) -> bool:
+    return v >= 1 and v % 2 == 1
+
+
 @dataclass
 class ResidualSettings(MethodSettings):
     # steps of CAE training on normal volumes before the residual stage
-    stage1_steps: int = setting(0, lambda v: v > 0, "> 0 (steps of autoencoder training on normal volumes "
-                                                    "before the residual stage)")
+    stage1_steps: int = setting(0, positive, "> 0 (steps of autoencoder training on normal volumes "
+                                             "before the residual stage)")
     normal_tag: str = "status=normal"  # tag=value marking normal volumes
+    cae_latent: int = setting(512, positive, "> 0")  # the CAE's dense bottleneck (the paper: 512)
+    median_kernel: int = setting(5, odd_positive, "odd and >= 1")  # the target's median filter (1: none)
 
     def check(self) -> None:
         parse_tag(self.normal_tag)
 
 
-class Autoencoder(nn.Module):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.backbone = build_backbone(cfg)
-        self.decoder = CNNDecoder(self.backbone.widths, cfg.model.in_channels, skips=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.backbone.forward_features(x))
-
-
 class Residual(Method):
     name = "residual"
     Settings = ResidualSettings
-    needs = Needs(backbone="cnn3d")
+    needs = Needs(backbone="resnet3d")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        multiple = max(RESNET_DOWNSAMPLE, CAE_DOWNSAMPLE)
+        require(cfg.data.crop_size % multiple == 0,
+                f"method 'residual' needs data.crop_size a multiple of {multiple} (the ResNet's "
+                f"downsampling), got {cfg.data.crop_size}")
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.normal_key, self.normal_value = parse_tag(self.settings.normal_tag)
-        self.stage1_steps = self.settings.stage1_steps
-        self.cae = Autoencoder(cfg)
-        self.residual_net = Autoencoder(cfg)
+        s = self.settings
+        self.normal_key, self.normal_value = parse_tag(s.normal_tag)
+        self.stage1_steps, self.median_kernel = s.stage1_steps, s.median_kernel
+        channels = cfg.model.in_channels
+        self.cae = ConvAutoencoder3D(cfg.data.crop_size, channels, s.cae_latent)
+        self.unet = ResUNet3D(build_backbone(cfg), out_channels=channels)
         # Stage 2 reads this snapshot, taken when stage 1 ends: it is outside the optimizer, so the
         # optimizer's momentum and weight decay cannot move the CAE that defines the targets.
         self.frozen_cae = frozen_copy(self.cae)
@@ -71,7 +84,7 @@ class Residual(Method):
         self.host_steps = int(self.steps_done)
 
     def encoder(self) -> nn.Module:
-        return self.residual_net.backbone
+        return self.unet.backbone
 
     @property
     def stage(self) -> int:
@@ -92,15 +105,20 @@ class Residual(Method):
             loss = sum(p.sum() for p in self.cae.parameters()) * 0.0
             return loss, {"loss_cae": loss.detach(), "normal_fraction": fraction, "stage": 1.0}
         x = image.index_select(0, torch.tensor(normal).to(image.device, non_blocking=True))
-        loss = F.mse_loss(self.cae(x), x)
+        loss = F.l1_loss(self.cae(x), x)
         return loss, {"loss_cae": loss.detach(), "normal_fraction": fraction, "stage": 1.0}
+
+    def target(self, image: torch.Tensor) -> torch.Tensor:
+        """The soft residual target in [0, 1] from the frozen CAE (in eval mode: BatchNorm's running
+        statistics, so a crop's target does not depend on the rest of its batch)."""
+        with torch.no_grad():
+            self.frozen_cae.eval()
+            return residual_target(image, self.frozen_cae(image), kernel_size=self.median_kernel)
 
     def stage2(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         image = batch["image"]
-        with torch.no_grad():
-            self.frozen_cae.eval()
-            target = (image - self.frozen_cae(image)).abs()
-        loss = F.mse_loss(self.residual_net(image), target)
+        target = self.target(image)
+        loss = F.binary_cross_entropy_with_logits(self.unet(image).float(), target)
         return loss, {"loss_residual": loss.detach(), "stage": 2.0}
 
     def on_step_end(self, step: int, max_steps: int) -> None:

@@ -6,12 +6,12 @@ from torch import nn
 
 from sslmed.config import Config
 from sslmed.errors import ConfigError
-from sslmed.models.cnn3d import CNN3D, CNNDecoder, CondCNN3D
+from sslmed.models.cnn3d import CNN3D, CNNDecoder, CodedCNN3D, CondCNN3D
 from sslmed.models.resnet3d import ResNet3D
 from sslmed.models.vit3d import ViT3D, ViTDecoder
 
 BACKBONES: dict[str, type[nn.Module]] = {"vit3d": ViT3D, "cnn3d": CNN3D, "cnn3d_cond": CondCNN3D,
-                                         "resnet3d": ResNet3D}
+                                         "resnet3d": ResNet3D, "cnn3d_code": CodedCNN3D}
 
 
 def backbone_kwargs(cfg: Config) -> dict:

@@ -100,6 +100,44 @@ class CNN3D(nn.Module):
         return self.forward_features(x)[-1].mean(dim=(2, 3, 4))
 
 
+CODE_SQUEEZE = 16  # channels of the 1/16 map that is flattened into a dense code
+
+
+class CodedCNN3D(nn.Module):
+    """A `CNN3D` whose last map, squeezed by a 1×1 conv and flattened, becomes a dense `code_dim`-d code:
+    the representation of an autoencoder whose decoder reads that code (`forward` gives it)."""
+
+    def __init__(self, size: str = "tiny", in_channels: int = 1, dim: int = 0, depth: int = 0,
+                 crop_size: int = 32, code_dim: int = 128) -> None:
+        super().__init__()
+        if crop_size <= 0 or crop_size % DOWNSAMPLE:
+            raise ConfigError(f"a dense code needs data.crop_size a multiple of {DOWNSAMPLE}, "
+                              f"got {crop_size}")
+        self.cnn = CNN3D(size, in_channels, dim, depth)
+        self.crop_size, self.code_dim = crop_size, code_dim
+        self.grid = (CODE_SQUEEZE, *(crop_size // DOWNSAMPLE,) * 3)
+        self.squeeze = nn.Conv3d(self.cnn.widths[-1], CODE_SQUEEZE, kernel_size=1)
+        self.to_code = nn.Linear(CODE_SQUEEZE * (crop_size // DOWNSAMPLE) ** 3, code_dim)
+
+    @property
+    def widths(self) -> list[int]:
+        return self.cnn.widths
+
+    @property
+    def feature_dim(self) -> int:
+        return self.code_dim
+
+    def export_config(self) -> dict:
+        cnn = self.cnn.export_config()["kwargs"]
+        return {"arch": "cnn3d_code",
+                "kwargs": {**cnn, "crop_size": self.crop_size, "code_dim": self.code_dim}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != (self.crop_size,) * 3:
+            raise ConfigError(f"dense-code encoder built for {self.crop_size}³ crops got {tuple(x.shape)}")
+        return self.to_code(self.squeeze(self.cnn.forward_features(x)[-1]).flatten(1))
+
+
 class CondConv3d(nn.Module):
     """Conditionally parameterised convolution: the kernel is a location-dependent mix of experts.
 

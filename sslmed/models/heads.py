@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 
-def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear → BatchNorm → ReLU → Linear: the SimCLR/BYOL/SimSiam projection and prediction MLP."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True) -> nn.Sequential:
+    """Linear → BatchNorm → ReLU → Linear: the SimCLR/BYOL/SimSiam projection and prediction MLP
+    (without the BatchNorm when `batch_norm` is off, as the CAE-residual paper's SimCLR baseline)."""
+    norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm, nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
 
 

@@ -323,6 +323,12 @@ def encoder_meta(cfg: Config) -> dict[str, Any]:
 def export_run(run_dir: str | Path, out: str | Path, trust: bool = False) -> Path:
     """The latest complete checkpoint of a run → exported encoder (consolidated fp32 weights). The
     checkpoint's own config never decides `trust`: only the caller does."""
+    cfg, method = load_run_method(run_dir, trust)
+    return export_encoder(method.encoder(), out, encoder_meta(cfg))
+
+
+def load_run_method(run_dir: str | Path, trust: bool = False) -> tuple[Config, nn.Module]:
+    """The run's config and its method holding the latest complete checkpoint's weights (fp32)."""
     from sslmed.methods import build_method
     from sslmed.train.engine import consolidated_state_dict
 
@@ -331,7 +337,7 @@ def export_run(run_dir: str | Path, out: str | Path, trust: bool = False) -> Pat
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoints_dir(Path(run_dir))}")
     ckpt = found[-1]
     cfg = load_saved_config(ckpt.path)
-    method = build_method(cfg)
+    method = build_method(cfg, initialise=False)  # the checkpoint's weights replace any model.init
     try:
         state = consolidated_state_dict(ckpt.path.parent, ckpt.tag, ckpt.zero_stage, trust=trust)
     except SslmedError:
@@ -343,7 +349,7 @@ def export_run(run_dir: str | Path, out: str | Path, trust: bool = False) -> Pat
         method.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:
         raise CheckpointError(f"{ckpt.path}: weights do not fit method '{cfg.method.name}': {exc}") from None
-    return export_encoder(method.encoder(), out, encoder_meta(cfg))
+    return cfg, method
 
 
 def load_encoder(path: str | Path) -> nn.Module:

@@ -1,0 +1,163 @@
+"""The paper recipes on the method side: SSSD's shipped teacher and `model.init`, the baselines' shared
+ResNet-18, the residual method's CAE / soft target / BCE, the contrastive autoencoder's dense code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslmed.config import load_config
+from sslmed.errors import ConfigError
+from sslmed.methods import build_method
+from sslmed.train.checkpoint import export_encoder
+
+torch.set_num_threads(1)
+
+
+def smooth(n: int, size: int) -> torch.Tensor:
+    coarse = torch.randn(n, 1, 3, 3, 3)
+    return torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=True)
+
+
+# ---- SSSD -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sssd-tiny", "sssd-base"])
+def test_shipped_sssd_configs_use_the_stop_gradient_teacher(name: str) -> None:
+    assert load_config(name).method.distill_target == "stopgrad"
+
+
+def decoder_grads(method, image: torch.Tensor, with_distill: bool) -> list[torch.Tensor]:
+    """Gradients of the decoder for the same mask (same generator seed), with or without distillation."""
+    method.zero_grad()
+    out = method.masked_forward(image, torch.Generator().manual_seed(7))
+    loss = method.reconstruction_loss(image, out)
+    if with_distill:
+        student = method.distill_head(out["visible"])
+        teacher = method.teacher_latent(image, out)
+        assert not teacher.requires_grad
+        loss = loss + ((student - teacher) ** 2).sum()
+    loss.backward()
+    return [p.grad.clone() for p in method.decoder.parameters()]
+
+
+def test_the_stop_gradient_teacher_receives_no_gradient_from_distillation() -> None:
+    torch.manual_seed(0)
+    method = build_method(load_config("sssd-tiny", ["model.dim=16", "model.heads=2"]))
+    assert not method.teachers()  # no EMA copy: the teacher is the decoder itself
+    image = smooth(2, method.cfg.data.crop_size)
+    plain, distilled = decoder_grads(method, image, False), decoder_grads(method, image, True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, distilled, strict=True))
+    assert method.distill_head[0].weight.grad.abs().sum() > 0  # the student side does learn
+
+
+def test_model_init_starts_the_encoder_from_an_export_and_refuses_another_architecture(tmp_path) -> None:
+    small = ["model.dim=16", "model.heads=2"]
+    torch.manual_seed(1)
+    source = build_method(load_config("mae-tiny", small))
+    path = export_encoder(source.encoder(), tmp_path / "mae.safetensors", {"method": "mae"})
+    torch.manual_seed(2)  # a different random start, so equality can only come from the export
+    started = build_method(load_config("sssd-tiny", [*small, f"model.init={path}"]))
+    want, got = source.encoder().state_dict(), started.encoder().state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    fresh = build_method(load_config("sssd-tiny", small)).encoder().state_dict()
+    assert not all(torch.equal(fresh[k], got[k]) for k in fresh)
+    with pytest.raises(ConfigError) as error:
+        build_method(load_config("sssd-tiny", ["model.dim=24", "model.heads=2", f"model.init={path}"]))
+    assert "\n" not in str(error.value) and "model.init" in str(error.value) and "dim=16" in str(error.value)
+    with pytest.raises(ConfigError, match="model.init: .*not found"):
+        build_method(load_config("sssd-tiny", [*small, f"model.init={tmp_path / 'none.safetensors'}"]))
+
+
+# ---- the CAE-residual paper's method and baselines on one ResNet-18 ------------------------------
+
+
+def test_the_resnet18_configs_build_one_and_the_same_backbone() -> None:
+    from sslmed.models.resnet3d import ResNet3D
+
+    exports = {}
+    for name in ("simclr-resnet18", "byol-resnet18", "simsiam-resnet18", "residual-resnet18"):
+        cfg = load_config(name)
+        encoder = build_method(cfg).encoder()
+        assert type(encoder) is ResNet3D and cfg.data.crop_size == 64
+        exports[name] = encoder.export_config()
+        assert encoder.widths == [64, 128, 256, 512] and encoder.depth == 18
+        assert sum(p.numel() for p in encoder.parameters()) == sum(
+            p.numel() for p in ResNet3D(size="base", depth=18).parameters())
+    assert len({str(sorted(e["kwargs"].items())) for e in exports.values()}) == 1
+    simclr = build_method(load_config("simclr-resnet18"))
+    assert simclr.settings.temperature == 0.07
+    linears = [m for m in simclr.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 512), (512, 512)]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in simclr.projector)
+
+
+def reference_target(image: torch.Tensor, reconstruction: torch.Tensor, kernel: int):
+    """numpy/scipy: |x − x̂|, per-volume 1–99 % percentile rescale clipped to [0, 1], median filter."""
+    import numpy as np
+    from scipy.ndimage import median_filter
+
+    out = []
+    for x, r in zip(image.numpy(), reconstruction.numpy(), strict=True):
+        residual = np.abs(x - r)
+        lo, hi = np.percentile(residual, [1, 99])
+        scaled = np.clip((residual - lo) / (hi - lo), 0, 1)
+        out.append(median_filter(scaled, size=(1, kernel, kernel, kernel), mode="nearest"))
+    return torch.from_numpy(np.stack(out)).float()
+
+
+def test_residual_stage1_is_l1_of_a_dense_cae_on_normals_and_stage2_bce_against_the_soft_target() -> None:
+    from sslmed.models.cae import ConvAutoencoder3D
+
+    torch.manual_seed(5)
+    method = build_method(load_config("residual-tiny", ["method.stage1_steps=1", "method.cae_latent=24"]))
+    assert isinstance(method.cae, ConvAutoencoder3D) and method.cae.to_code.out_features == 24
+    image = smooth(3, method.cfg.data.crop_size).sigmoid()
+    batch = {"image": image, "tags": [{"status": "normal"}, {"status": "anomalous"}, {"status": "normal"}]}
+    loss, _ = method(batch)
+    normals = image[[0, 2]]
+    assert torch.allclose(loss, (method.cae(normals) - normals).abs().mean())
+    loss.backward()
+    method.on_step_end(0, 2)  # stage 1 ends: the frozen CAE is the trained one
+    assert method.stage == 2
+    loss, logs = method(batch)
+    with torch.no_grad():
+        method.frozen_cae.eval()
+        target = reference_target(image, method.frozen_cae(image), method.cfg.method.median_kernel)
+        logits = method.unet(image)
+    assert target.min() >= 0 and target.max() <= 1 and target.std() > 0
+    assert torch.allclose(method.target(image), target, atol=1e-6)
+    expected = -(target * torch.nn.functional.logsigmoid(logits)
+                 + (1 - target) * torch.nn.functional.logsigmoid(-logits)).mean()
+    assert torch.allclose(loss, expected, atol=1e-5) and logs["stage"] == 2.0
+
+
+# ---- the contrastive autoencoder ------------------------------------------------------------------
+
+
+def test_the_contrastive_autoencoder_contrasts_the_dense_code_its_decoder_reads(tmp_path) -> None:
+    from sslmed.methods.losses import nt_xent
+    from sslmed.train.checkpoint import load_encoder
+
+    torch.manual_seed(6)
+    method = build_method(load_config("contrastive_ae-tiny", ["method.code_dim=12", "method.gather=false"]))
+    x1, x2 = smooth(4, 32), smooth(4, 32)
+    codes: dict[str, list[torch.Tensor]] = {"projector": [], "decoder": []}
+    # every input the projector and the decoder receive is the encoder's output h
+    for reader in codes:
+        getattr(method, reader).register_forward_hook(lambda m, args, out, r=reader: codes[r].append(args[0]))
+    loss, logs = method({"image": x1, "image2": x2})
+    h1, h2 = method.backbone(x1), method.backbone(x2)
+    assert h1.shape == (4, 12)
+    for reader in ("projector", "decoder"):
+        assert all(torch.allclose(a, b) for a, b in zip(codes[reader], (h1, h2), strict=True))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in method.projector)
+    assert sum(isinstance(m, torch.nn.Linear) for m in method.projector) == 3
+    s = method.settings
+    recon = ((method.decoder(h1) - x1) ** 2).mean() + ((method.decoder(h2) - x2) ** 2).mean()
+    expected = s.contrastive_weight * nt_xent(method.projector(h1), method.projector(h2), s.temperature,
+                                              gather=False) + 0.1 * recon
+    assert s.recon_weight == 0.1 and torch.allclose(loss, expected, atol=1e-5)
+    # the exported encoder gives h: what the cluster evaluation reads
+    path = export_encoder(method.encoder(), tmp_path / "cae.safetensors", {})
+    assert torch.allclose(load_encoder(path)(x1), h1.detach(), atol=1e-5)
