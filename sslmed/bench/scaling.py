@@ -5,7 +5,7 @@ MASTER_ADDR / MASTER_PORT in the environment, as torchrun sets them). Every rank
 sslmed's DeepSpeed engine (or plain DDP with `--engine ddp`) on a fixed synthetic batch and reports its
 own samples/s. Scaling efficiency = mean per-rank samples/s at N ranks ÷ samples/s at 1 rank.
 
-    python benchmarks/scaling.py --quick
+    python -m sslmed.bench.scaling --quick
     sslmed bench scaling --zero-stage 2 --project
 """
 
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from sslmed.bench import common
 
 # Link bandwidths per GPU per direction, bytes/s. NVLink 4 (H100/H200 SXM): 900 GB/s both ways
 # together; InfiniBand NDR: one 400 Gb/s NIC per GPU (rail-optimised 8-GPU nodes).
@@ -87,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads_per_rank)
-    from step import bench_config, build_sslmed, synthetic_batch
+    from sslmed.bench.step import bench_config, build_sslmed, synthetic_batch
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(args.seed)
@@ -165,7 +164,7 @@ def launch(world: int, args: argparse.Namespace, scratch: Path) -> list[dict]:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": str(args.threads_per_rank)}
-        cmd = [sys.executable, str(Path(__file__).resolve()), *worker_argv(args),
+        cmd = [sys.executable, "-m", "sslmed.bench.scaling", *worker_argv(args),
                "--worker", "--worker-out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env))
         outs.append(out)

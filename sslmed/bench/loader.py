@@ -24,7 +24,7 @@ every multi-megabyte crop or volume comes from fresh pages that fault in on firs
 MONAI's included, runs with those settings, made at the start, so the ratios compare loaders, not
 allocators. `--glibc-default` measures only the MONAI rows, as MONAI users run them.
 
-    python benchmarks/loader.py [--quick]      (or: sslmed bench loader [--quick])
+    python -m sslmed.bench.loader [--quick]      (or: sslmed bench loader [--quick])
 """
 
 from __future__ import annotations
@@ -40,11 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from sslmed.config import Config  # noqa: E402
-from sslmed.data.pipeline import build_loader, keep_freed_memory_for_reuse  # noqa: E402
+from sslmed.bench import common
+from sslmed.config import Config
+from sslmed.data.pipeline import build_loader, keep_freed_memory_for_reuse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
