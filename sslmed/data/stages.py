@@ -81,7 +81,8 @@ class Cropper:
 
     def __init__(self, cfg: DataConfig, seed: int, stream: tuple[int, int], skips: SkipCounter):
         self.cfg, self.seed, self.stream, self.skips = cfg, seed, stream, skips
-        self.augment = augmentation() if cfg.augment else None
+        # on the training device the loader leaves crops as stored; sslmed.data.augment converts them there
+        self.augment = augmentation() if cfg.augment and cfg.augment_on == "loader" else None
         self.view_shift = max(1, cfg.crop_size // 8)
 
     def __call__(self, volumes: Iterable[Streamed], skip_first: int = 0) -> Iterator[dict]:
@@ -108,11 +109,13 @@ class Cropper:
             crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
                     "epoch": item.epoch, "start": plan["start"],
                     "location": location(plan["start"], shape, size),
-                    "image": self.view(volume, plan["start"], plan["seeds"][0])}
+                    **self.view("image", volume, plan["start"], plan["seeds"][0])}
+            if self.augment is None:
+                crop["intensity"] = np.array([volume.scale, volume.offset], dtype=np.float32)
             if cfg.views == 2:
-                crop["image2"] = self.view(volume, plan["start2"], plan["seeds"][1])
+                crop.update(self.view("image2", volume, plan["start2"], plan["seeds"][1]))
             if cfg.neighbour:
-                crop["neighbour"] = self.view(volume, plan["neighbour"], plan["seeds"][2])
+                crop.update(self.view("neighbour", volume, plan["neighbour"], plan["seeds"][2]))
                 crop["neighbour_location"] = location(plan["neighbour"], shape, size)
                 crop["neighbour_start"] = plan["neighbour"]
             yield crop
@@ -134,13 +137,15 @@ class Cropper:
                 "neighbour": clip_start(start + shift_n, shape, size),
                 "seeds": [int(s) for s in rng.integers(0, 2**31 - 1, 3)]}
 
-    def view(self, volume: Volume, start: np.ndarray, seed: int) -> np.ndarray:
-        size = self.cfg.crop_size
-        crop = volume.read_crop(start, (size, size, size))[None]
+    def view(self, name: str, volume: Volume, start: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """`{name: crop}` augmented here (float32), or `{name: stored crop, name_valid: its box inside the
+        volume}` for conversion and augmentation on the training device."""
+        size = (self.cfg.crop_size,) * 3
         if self.augment is None:
-            return crop
+            stored, box = volume.read_stored_crop(start, size)
+            return {name: stored[None], f"{name}_valid": box}
         self.augment.set_random_state(seed=seed)
-        return np.asarray(self.augment(crop), dtype=np.float32)
+        return {name: np.asarray(self.augment(volume.read_crop(start, size)[None]), dtype=np.float32)}
 
 
 def block_shuffle(crops: Iterable[dict], block_size: int, seed: int, stream: tuple[int, int],
@@ -178,10 +183,10 @@ def collate(batch: list[dict]) -> dict:
            "location": torch.from_numpy(np.stack([c["location"] for c in batch])),
            "key": [c["key"] for c in batch], "tags": [c["tags"] for c in batch],
            "start": torch.from_numpy(np.stack([c["start"] for c in batch]).astype(np.int64))}
-    if "image2" in batch[0]:
-        out["image2"] = torch.from_numpy(np.stack([c["image2"] for c in batch]))
+    for name in ("image2", "neighbour", "intensity", "image_valid", "image2_valid", "neighbour_valid"):
+        if name in batch[0]:
+            out[name] = torch.from_numpy(np.stack([c[name] for c in batch]))
     if "neighbour" in batch[0]:
-        out["neighbour"] = torch.from_numpy(np.stack([c["neighbour"] for c in batch]))
         out["neighbour_location"] = torch.from_numpy(np.stack([c["neighbour_location"] for c in batch]))
         starts = np.stack([c["neighbour_start"] for c in batch]).astype(np.int64)
         out["neighbour_start"] = torch.from_numpy(starts)

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sslmed.config import Config, save_config
+from sslmed.data.augment import on_device
 from sslmed.errors import DataError
 from sslmed.train import checkpoint as ckpt
 from sslmed.train import engine as eng
@@ -57,6 +58,7 @@ def run_pretraining(cfg: Config, build_method: MethodFactory, build_loader: Load
     # Starting the stream draws from the global RNG (a DataLoader takes its base seed there), as it did
     # once before the checkpoint was taken: restore the saved state after that draw, not before.
     batches = first_batch_checked(iter(loader), cfg)
+    batches = on_device(batches, cfg, info.rank, info.device, first_step=step)  # float, augmented there
     if rng is not None:
         ckpt.set_rng_state(rng)
     elif resume is not None:  # another world size: fresh per-rank randomness, distinct from step 0's
