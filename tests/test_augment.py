@@ -42,6 +42,12 @@ def test_affine_matches_monai(crops):
     torch.testing.assert_close(batched, reference, atol=ATOL, rtol=0)
 
 
+def test_sampling_grid_is_torchs_affine_grid():
+    theta = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2))
+    expected = torch.nn.functional.affine_grid(theta, [2, 1, 5, 6, 7], align_corners=False)
+    torch.testing.assert_close(aug.sampling_grid(theta, torch.Size([5, 6, 7])), expected, atol=1e-6, rtol=0)
+
+
 def test_intensity_families_match_monai(crops):
     p = params()
     gamma = aug.adjust_contrast(crops, p["gamma"])

@@ -44,7 +44,9 @@ class Ranges:
     gamma: tuple[float, float] = (0.7, 1.5)  # MONAI AdjustContrast: rescaled to [0, 1], ** gamma, back
     bias_prob: float = 0.3
     bias_degree: int = 3
-    bias_coeff: tuple[float, float] = (0.0, 0.1)  # Legendre coefficients of log(field), MONAI RandBiasField
+    # Legendre coefficients of log(field), as MONAI RandBiasField; centred on 0 (MONAI's default (0, 0.1)
+    # sums its 20 terms to a field of up to e² ≈ 7× at the corners)
+    bias_coeff: tuple[float, float] = (-0.05, 0.05)
     blur_prob: float = 0.2
     blur_sigma: tuple[float, float] = (0.25, 1.0)  # voxels, drawn per axis
     noise_prob: float = 0.3
@@ -120,8 +122,22 @@ def affine(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     offset = matrices[:, :3, 3].to(x.dtype) / half
     flip = torch.arange(2, -1, -1, device=x.device)  # grids list (W, H, D), arrays (D, H, W)
     theta = torch.cat([linear[:, flip][:, :, flip], offset[:, flip, None]], dim=2)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, sampling_grid(theta, x.shape[2:]), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
+def sampling_grid(theta: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`F.affine_grid(theta, (n, C, *shape), align_corners=False)` built from three per-axis terms by
+    broadcasting: the same grid, but a few passes over it instead of a (D·H·W × 4) @ (4 × 3) product per
+    crop, which costs as much as the resampling itself on a CPU."""
+    depth, height, width = shape
+
+    def term(column: int, size: int) -> torch.Tensor:  # (n, size, 3): voxel centres in [-1, 1], as torch
+        centres = (torch.arange(size, dtype=theta.dtype, device=theta.device) * 2 + 1) / size - 1
+        return centres.view(1, size, 1) * theta[:, None, :, column]
+
+    x, y, z = term(0, width), term(1, height), term(2, depth) + theta[:, None, :, 3]
+    return z[:, :, None, None] + y[:, None, :, None] + x[:, None, None, :]
 
 
 def adjust_contrast(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -173,9 +189,9 @@ def blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float = DEFAULT.blur_s
         kernel = gaussian_kernels(sigma[:, axis].to(x.dtype), tail).repeat_interleave(c, dim=0)
         shape = [n * c, 1, 1, 1, 1]
         shape[2 + axis] = 2 * tail + 1
-        padding = [0, 0, 0]
-        padding[axis] = tail
-        out = F.conv3d(out, kernel.view(shape), padding=padding, groups=n * c)
+        padding = [0] * 6  # F.pad lists the last axis first; padding first is faster than conv3d's own
+        padding[2 * (2 - axis):2 * (2 - axis) + 2] = [tail, tail]
+        out = F.conv3d(F.pad(out, padding), kernel.view(shape), groups=n * c)
     return out.reshape(x.shape)
 
 

@@ -15,14 +15,19 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    RandAdjustContrast,
     RandAffine,
+    RandBiasField,
     RandFlip,
     RandGaussianNoise,
+    RandGaussianSmooth,
     RandScaleIntensity,
     RandShiftIntensity,
 )
 
 from sslmed.config import DataConfig
+from sslmed.data.augment import DEFAULT as DEFAULT_AUGMENTATION
+from sslmed.data.augment import Ranges
 from sslmed.data.sources import Sample, SkipCounter, Volume
 
 FOREGROUND_LEVEL = 0.1  # normalised intensity above which a voxel counts as foreground
@@ -38,17 +43,23 @@ class Streamed:
     sample: Sample
 
 
-def augmentation() -> Compose:
-    """Per-crop MONAI augmentation: flips, small rotations/scalings, intensity scale/shift, noise."""
+def augmentation(ranges: Ranges = DEFAULT_AUGMENTATION) -> Compose:
+    """Per-crop MONAI augmentation (`data.augment_on=loader`): the families, ranges and order that
+    `sslmed.data.augment` applies to whole batches on the training device."""
+    r = ranges
     return Compose([
-        RandFlip(prob=0.5, spatial_axis=0),
-        RandFlip(prob=0.5, spatial_axis=1),
-        RandFlip(prob=0.5, spatial_axis=2),
-        RandAffine(prob=0.5, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
-                   padding_mode="zeros", mode="bilinear"),
-        RandScaleIntensity(factors=0.1, prob=0.5),
-        RandShiftIntensity(offsets=0.05, prob=0.5),
-        RandGaussianNoise(prob=0.3, std=0.02),
+        RandFlip(prob=r.flip_prob, spatial_axis=0),
+        RandFlip(prob=r.flip_prob, spatial_axis=1),
+        RandFlip(prob=r.flip_prob, spatial_axis=2),
+        RandAffine(prob=r.affine_prob, rotate_range=(r.rotate,) * 3, scale_range=(r.scale,) * 3,
+                   translate_range=(r.translate,) * 3, padding_mode="zeros", mode="bilinear"),
+        RandScaleIntensity(factors=r.intensity_scale, prob=r.intensity_scale_prob),
+        RandShiftIntensity(offsets=r.shift, prob=r.shift_prob),
+        RandAdjustContrast(prob=r.gamma_prob, gamma=r.gamma),
+        RandBiasField(degree=r.bias_degree, coeff_range=r.bias_coeff, prob=r.bias_prob),
+        RandGaussianSmooth(sigma_x=r.blur_sigma, sigma_y=r.blur_sigma, sigma_z=r.blur_sigma,
+                           prob=r.blur_prob),
+        RandGaussianNoise(prob=r.noise_prob, std=r.noise_std),
     ])
 
 
