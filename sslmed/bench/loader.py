@@ -148,7 +148,10 @@ def stream_config(path: Path, args: argparse.Namespace, augment_on: str | None =
     """One volume's crops per batch; augmentation off, or on the loader core / the training device."""
     cfg = Config()
     cfg.data.path, cfg.data.crop_size, cfg.data.crops_per_volume = str(path), args.crop, args.crops_per_volume
-    cfg.data.workers, cfg.data.augment, cfg.data.shuffle_buffer = 0, augment_on is not None, 16
+    # shuffle blocks of one volume's crops: a pass over the volumes then never hands out crops that an
+    # earlier, separately timed pass already cut
+    cfg.data.workers, cfg.data.augment = 0, augment_on is not None
+    cfg.data.shuffle_buffer = args.crops_per_volume
     cfg.data.augment_on = augment_on or "device"
     cfg.train.micro_batch = args.crops_per_volume
     return cfg
