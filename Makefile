@@ -7,7 +7,7 @@ PIP := $(BIN)/pip install -c constraints.txt
 # e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's Linux wheel is CUDA).
 TORCH_INDEX ?=
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench bench-gpu lint clean
 
 venv: $(VENV)/.installed
 
@@ -33,8 +33,12 @@ bench: venv
 	$(BIN)/sslmed bench scaling --quick
 	$(BIN)/sslmed bench pack --quick
 
+# every GPU figure (step, loader → GPU augmentation, 1-GPU DeepSpeed run): under 10 minutes on an H100/H200
+bench-gpu: venv
+	PYTHON=$(BIN)/python benchmarks/gpu.sh
+
 lint: venv
-	$(BIN)/ruff check sslmed tests benchmarks
+	$(BIN)/ruff check sslmed tests
 
 clean:
 	rm -rf $(VENV) demo-out runs

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
 import sys
 from pathlib import Path
 
 from sslmed import __version__
+from sslmed.bench import BENCHMARKS
 from sslmed.errors import SslmedError
-
-BENCHMARKS = ("loader", "step", "scaling", "pack")
 
 
 def parse_size(text: str) -> int:
@@ -182,19 +181,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(name: str, argv: list[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    if not script.exists():
-        raise SslmedError(f"benchmarks/{name}.py not found: benchmarks run from a source checkout "
-                          "(pip install -e .)")
-    old_argv = sys.argv
-    sys.argv = [str(script), *argv]
+    """`sslmed bench NAME ...`: the benchmark module's `main(argv)`, from the installed package."""
+    module = importlib.import_module(f"sslmed.bench.{name}")
     try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    finally:
-        sys.argv = old_argv
-    return 0
+        result = module.main(argv)
+    except SystemExit as exc:  # argparse's usage errors and --help, or a benchmark's own message
+        if isinstance(exc.code, str):
+            raise SslmedError(exc.code) from None
+        return exc.code or 0
+    return result if isinstance(result, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,8 @@ class DataConfig:
     neighbour: bool = False  # also emit a crop displaced by up to `neighbour_shift` voxels
     neighbour_shift: int = 16
     foreground_bias: float = 0.0  # probability that a crop centre is drawn from foreground voxels
-    augment: bool = True  # MONAI intensity/spatial augmentation per crop
+    augment: bool = True  # random flips, affine, intensity, gamma, bias field, blur and noise per crop
+    augment_on: Literal["device", "loader"] = "device"  # batched on the training device, or MONAI per crop
     shuffle_buffer: int = 64  # samples held for in-memory shuffling
     workers: int = 2  # DataLoader worker processes per rank
     strict: bool = False  # raise on a corrupt shard instead of counting and skipping it

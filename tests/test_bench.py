@@ -4,22 +4,16 @@ figures from (communication model, patch order, MONAI twin, result files) match 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import common  # noqa: E402
-import scaling  # noqa: E402
-import step  # noqa: E402
+from sslmed.bench import common, scaling, step
 
 
 def run_quick(argv: list[str], tmp_path: Path, capsys) -> dict[str, str]:
-    """`sslmed bench ...` in this process (the CLI runs the script with runpy); its last printed line."""
+    """`sslmed bench ...` in this process; its last printed line."""
     from sslmed.cli import main
 
     threads = torch.get_num_threads()

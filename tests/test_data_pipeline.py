@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sslmed.config import Config
+from sslmed.data.augment import to_float
 from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import open_dataset
 from sslmed.errors import DataError
@@ -49,8 +50,10 @@ def take(loader, n: int) -> list[dict]:
 def test_batch_layout_and_locations(packed, fmt):
     cfg = config(packed[fmt], views=2, neighbour=True, neighbour_shift=3, augment=False)
     dataset = open_dataset(packed[fmt])
-    for batch in take(build_loader(cfg, 0, 1), 4):
+    for stored in take(build_loader(cfg, 0, 1), 4):
         b = cfg.train.micro_batch
+        assert stored["image"].dtype == torch.int16  # as packed; converted on the training device
+        batch = to_float(stored)
         for name in ("image", "image2", "neighbour"):
             assert batch[name].shape == (b, 1, CROP, CROP, CROP) and batch[name].dtype == torch.float32
         assert batch["location"].shape == batch["neighbour_location"].shape == (b, 3)
@@ -67,6 +70,16 @@ def test_batch_layout_and_locations(packed, fmt):
                                           dataset.read_crop(key, start, [CROP] * 3))
             np.testing.assert_array_equal(batch["neighbour"][i, 0].numpy(),
                                           dataset.read_crop(key, near, [CROP] * 3))
+
+
+@pytest.mark.parametrize("fmt", ["wds", "zarr"])
+def test_stored_crops_convert_to_the_float32_crops_also_where_padded(packed, fmt):
+    cfg = config(packed[fmt], crop_size=16, augment=False)  # volumes are 20 × 16 × 12: zero padding
+    dataset = open_dataset(packed[fmt])
+    for batch in map(to_float, take(build_loader(cfg, 0, 1), 3)):
+        for i, key in enumerate(batch["key"]):
+            expected = dataset.read_crop(key, batch["start"][i].numpy(), [16] * 3)
+            np.testing.assert_array_equal(batch["image"][i, 0].numpy(), expected)
 
 
 def test_one_epoch_covers_every_volume_once(packed):
@@ -87,16 +100,17 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
             assert torch.equal(x[name], y[name]), name
 
 
-@pytest.mark.parametrize("fmt, workers, stop, wanted", [
-    ("wds", 0, 11, {}),  # resumes in epoch 1 (22 crops, 15 per epoch): starts from the epoch bookmark
-    ("zarr", 0, 4, {}),
-    ("wds", 0, 6, {"status": "normal"}),  # filtered: volumes are passed by reading metadata only
-    ("wds", 2, 5, {}),  # two workers: the restarted DataLoader's worker 0 continues stream 1
+@pytest.mark.parametrize("fmt, workers, stop, wanted, on", [
+    ("wds", 0, 11, {}, "device"),  # resumes in epoch 1 (22 crops, 15 per epoch): from the epoch bookmark
+    ("zarr", 0, 4, {}, "loader"),  # MONAI's per-crop augmentation in the loader
+    ("wds", 0, 6, {"status": "normal"}, "device"),  # filtered: volumes are passed by reading metadata only
+    ("wds", 2, 5, {}, "loader"),  # two workers: the restarted DataLoader's worker 0 continues stream 1
 ])
-def test_resume_continues_at_exactly_the_same_sample(packed, fmt, workers, stop, wanted):
+def test_resume_continues_at_exactly_the_same_sample(packed, fmt, workers, stop, wanted, on):
     # 3 crops per volume, blocks of 5, batches of 2: stopping points fall mid-volume and mid-block,
     # and 14 batches (28 crops) from 5 volumes cross epoch boundaries
-    cfg = config(packed[fmt], workers=workers, views=2, neighbour=True, augment=True, filter_tags=wanted)
+    cfg = config(packed[fmt], workers=workers, views=2, neighbour=True, augment=True, filter_tags=wanted,
+                 augment_on=on)
     total = 14
     straight = take(build_loader(cfg, 0, 1), total)
     first = build_loader(cfg, 0, 1)

@@ -15,14 +15,19 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    RandAdjustContrast,
     RandAffine,
+    RandBiasField,
     RandFlip,
     RandGaussianNoise,
+    RandGaussianSmooth,
     RandScaleIntensity,
     RandShiftIntensity,
 )
 
 from sslmed.config import DataConfig
+from sslmed.data.augment import DEFAULT as DEFAULT_AUGMENTATION
+from sslmed.data.augment import Ranges
 from sslmed.data.roi import load_roi_centres, roi_centre
 from sslmed.data.sources import Sample, SkipCounter, StoredVolume
 
@@ -39,17 +44,23 @@ class Streamed:
     sample: Sample
 
 
-def augmentation() -> Compose:
-    """Per-crop MONAI augmentation: flips, small rotations/scalings, intensity scale/shift, noise."""
+def augmentation(ranges: Ranges = DEFAULT_AUGMENTATION) -> Compose:
+    """Per-crop MONAI augmentation (`data.augment_on=loader`): the families, ranges and order that
+    `sslmed.data.augment` applies to whole batches on the training device."""
+    r = ranges
     return Compose([
-        RandFlip(prob=0.5, spatial_axis=0),
-        RandFlip(prob=0.5, spatial_axis=1),
-        RandFlip(prob=0.5, spatial_axis=2),
-        RandAffine(prob=0.5, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
-                   padding_mode="zeros", mode="bilinear"),
-        RandScaleIntensity(factors=0.1, prob=0.5),
-        RandShiftIntensity(offsets=0.05, prob=0.5),
-        RandGaussianNoise(prob=0.3, std=0.02),
+        RandFlip(prob=r.flip_prob, spatial_axis=0),
+        RandFlip(prob=r.flip_prob, spatial_axis=1),
+        RandFlip(prob=r.flip_prob, spatial_axis=2),
+        RandAffine(prob=r.affine_prob, rotate_range=(r.rotate,) * 3, scale_range=(r.scale,) * 3,
+                   translate_range=(r.translate,) * 3, padding_mode="zeros", mode="bilinear"),
+        RandScaleIntensity(factors=r.intensity_scale, prob=r.intensity_scale_prob),
+        RandShiftIntensity(offsets=r.shift, prob=r.shift_prob),
+        RandAdjustContrast(prob=r.gamma_prob, gamma=r.gamma),
+        RandBiasField(degree=r.bias_degree, coeff_range=r.bias_coeff, prob=r.bias_prob),
+        RandGaussianSmooth(sigma_x=r.blur_sigma, sigma_y=r.blur_sigma, sigma_z=r.blur_sigma,
+                           prob=r.blur_prob),
+        RandGaussianNoise(prob=r.noise_prob, std=r.noise_std),
     ])
 
 
@@ -82,7 +93,8 @@ class Cropper:
 
     def __init__(self, cfg: DataConfig, seed: int, stream: tuple[int, int], skips: SkipCounter):
         self.cfg, self.seed, self.stream, self.skips = cfg, seed, stream, skips
-        self.augment = augmentation() if cfg.augment else None
+        # on the training device the loader leaves crops as stored; sslmed.data.augment converts them there
+        self.augment = augmentation() if cfg.augment and cfg.augment_on == "loader" else None
         self.view_shift = max(1, cfg.crop_size // 8)
         self.rois = load_roi_centres(cfg.roi_centres) if cfg.roi_centres else None
 
@@ -122,11 +134,13 @@ class Cropper:
             crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
                     "epoch": item.epoch, "start": plan["start"],
                     "location": location(plan["start"], shape, size),
-                    "image": self.view(volume, plan["start"], plan["seeds"][0])}
+                    **self.view("image", volume, plan["start"], plan["seeds"][0])}
+            if self.augment is None:
+                crop["intensity"] = np.array([volume.scale, volume.offset], dtype=np.float32)
             if cfg.views == 2:
-                crop["image2"] = self.view(volume, plan["start2"], plan["seeds"][1])
+                crop.update(self.view("image2", volume, plan["start2"], plan["seeds"][1]))
             if cfg.neighbour:
-                crop["neighbour"] = self.view(volume, plan["neighbour"], plan["seeds"][2])
+                crop.update(self.view("neighbour", volume, plan["neighbour"], plan["seeds"][2]))
                 crop["neighbour_location"] = location(plan["neighbour"], shape, size)
                 crop["neighbour_start"] = plan["neighbour"]
             yield crop
@@ -150,13 +164,15 @@ class Cropper:
                 "neighbour": clip_start(start + shift_n, shape, size),
                 "seeds": [int(s) for s in rng.integers(0, 2**31 - 1, 3)]}
 
-    def view(self, volume: StoredVolume, start: np.ndarray, seed: int) -> np.ndarray:
-        size = self.cfg.crop_size
-        crop = volume.read_crop(start, (size, size, size))[None]
+    def view(self, name: str, volume: StoredVolume, start: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """`{name: crop}` augmented here (float32), or `{name: stored crop, name_valid: its box inside the
+        volume}` for conversion and augmentation on the training device."""
+        size = (self.cfg.crop_size,) * 3
         if self.augment is None:
-            return crop
+            stored, box = volume.read_stored_crop(start, size)
+            return {name: stored[None], f"{name}_valid": box}
         self.augment.set_random_state(seed=seed)
-        return np.asarray(self.augment(crop), dtype=np.float32)
+        return {name: np.asarray(self.augment(volume.read_crop(start, size)[None]), dtype=np.float32)}
 
 
 def block_shuffle(crops: Iterable[dict], block_size: int, seed: int, stream: tuple[int, int],
@@ -194,10 +210,10 @@ def collate(batch: list[dict]) -> dict:
            "location": torch.from_numpy(np.stack([c["location"] for c in batch])),
            "key": [c["key"] for c in batch], "tags": [c["tags"] for c in batch],
            "start": torch.from_numpy(np.stack([c["start"] for c in batch]).astype(np.int64))}
-    if "image2" in batch[0]:
-        out["image2"] = torch.from_numpy(np.stack([c["image2"] for c in batch]))
+    for name in ("image2", "neighbour", "intensity", "image_valid", "image2_valid", "neighbour_valid"):
+        if name in batch[0]:
+            out[name] = torch.from_numpy(np.stack([c[name] for c in batch]))
     if "neighbour" in batch[0]:
-        out["neighbour"] = torch.from_numpy(np.stack([c["neighbour"] for c in batch]))
         out["neighbour_location"] = torch.from_numpy(np.stack([c["neighbour_location"] for c in batch]))
         starts = np.stack([c["neighbour_start"] for c in batch]).astype(np.int64)
         out["neighbour_start"] = torch.from_numpy(starts)

@@ -247,12 +247,14 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, offloaded: bool = Fals
 class Engine:
     """`loss, logs = engine(batch)`, `engine.backward(loss)`, `engine.step()`, save / load."""
 
-    def __init__(self, ds_engine: Any, info: DistInfo, dtype: torch.dtype, zero_stage: int):
+    def __init__(self, ds_engine: Any, info: DistInfo, dtype: torch.dtype, zero_stage: int,
+                 clip: float = 0.0):
         self.ds = ds_engine
         self.info = info
         self.dtype = dtype
         self.zero_stage = zero_stage
-        self.own_norm = zero_stage == 0 and dtype == torch.float32
+        self.own_norm = owns_clipping(zero_stage, dtype)
+        self.clip = clip  # applied here when own_norm: DeepSpeed's clipping is then off
         self._norm: torch.Tensor | None = None  # stays on the device until grad_norm() is asked
         self.trust_checkpoints = False  # checkpoint.trust: load checkpoints that need arbitrary classes
 
@@ -284,9 +286,14 @@ class Engine:
 
     def step(self) -> None:
         if self.own_norm and self.ds.is_gradient_accumulation_boundary():
-            # ZeRO-0 fp32 has no optimizer wrapper that records the norm; measure it before clipping.
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            self._norm = torch.nn.utils.get_total_norm(grads).detach() if grads else None
+            # ZeRO-0 fp32 has no optimizer wrapper that records the norm; measure it, and clip with it
+            # (gradients are already averaged over the ranks: no collective needed, unlike DeepSpeed's);
+            # the norm stays on the device
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+            if self.clip > 0 and params:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
+            self._norm = norm.detach() if norm is not None else None
         self.ds.step()
 
     def lr(self) -> float:
@@ -341,19 +348,29 @@ def build_engine(cfg: Config, method: torch.nn.Module, info: DistInfo, universal
 
         set_activation_checkpointing(method, True)
     ds_config = build_ds_config(cfg, info.world, universal=universal)
+    stage = int(ds_config["zero_optimization"].get("stage", 0))
+    precision = "bf16" if ds_config["bf16"].get("enabled") else "fp16" if ds_config["fp16"].get(
+        "enabled") else "fp32"
+    clip = float(ds_config.get("gradient_clipping", 0.0))
+    if owns_clipping(stage, DTYPES[precision]):
+        # DeepSpeed's ZeRO-0 fp32 clipping all-reduces a norm that every rank already holds: one more
+        # collective per step than DDP. The facade clips with the norm it measures anyway.
+        ds_config["gradient_clipping"] = 0.0
     optimizer = build_optimizer(method, cfg, offloaded=offloads_optimizer(ds_config))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     ds_engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=schedule,
                                               config=ds_config, dist_init_required=False)
-    precision = "bf16" if ds_config["bf16"].get("enabled") else "fp16" if ds_config["fp16"].get(
-        "enabled") else "fp32"
     cast_float_buffers(ds_engine.module, DTYPES[precision])
     if cfg.train.compile:
         ds_engine.compile()
-    stage = int(ds_config["zero_optimization"].get("stage", 0))
-    engine = Engine(ds_engine, info, DTYPES[precision], stage)
+    engine = Engine(ds_engine, info, DTYPES[precision], stage, clip)
     engine.trust_checkpoints = cfg.checkpoint.trust
     return engine
+
+
+def owns_clipping(zero_stage: int, dtype: torch.dtype) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed wraps no optimizer, and the facade measures the norm and clips."""
+    return zero_stage == 0 and dtype == torch.float32
 
 
 def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:

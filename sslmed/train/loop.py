@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from sslmed import rng
 from sslmed.config import Config, save_config
+from sslmed.data.augment import on_device
 from sslmed.errors import DataError, SslmedError
 from sslmed.lock import DirectoryLock
 from sslmed.progress import progress
@@ -90,6 +91,8 @@ def pretrain_holding_run_dir(cfg: Config, info: eng.DistInfo, build_method: Meth
             tqdm.write(f"resumed from {resume.path} at step {step}")
     # A step's random draws depend on its position alone (`step_rng`), so nothing about them is restored.
     batches = first_batch_checked(iter(loader), cfg)
+    # float and augmented on the device; augmentation draws from the AUGMENT stream of each step's position
+    batches = on_device(batches, cfg, info.rank, info.device, first_step=step + 1)
 
     with stop_on_sigterm() as stop_requested:
         step = train(cfg, engine, loader, batches, run_dir, step, stop_requested)

@@ -5,7 +5,7 @@ MASTER_ADDR / MASTER_PORT in the environment, as torchrun sets them). Every rank
 sslmed's DeepSpeed engine (or plain DDP with `--engine ddp`) on a fixed synthetic batch and reports its
 own samples/s. Scaling efficiency = mean per-rank samples/s at N ranks ÷ samples/s at 1 rank.
 
-    python benchmarks/scaling.py --quick
+    python -m sslmed.bench.scaling --quick
     sslmed bench scaling --zero-stage 2 --project
 """
 
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from sslmed.bench import common
 
 # Link bandwidths per GPU per direction, bytes/s. NVLink 4 (H100/H200 SXM): 900 GB/s both ways
 # together; InfiniBand NDR: one 400 Gb/s NIC per GPU (rail-optimised 8-GPU nodes).
@@ -87,14 +86,14 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads_per_rank)
-    from step import bench_config, build_sslmed, synthetic_batch
+    from sslmed.bench.step import bench_config, build_sslmed, synthetic_batch
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(args.seed)
     cfg = bench_config(args, args.method, args.size, args.crop, False)
     method = build_sslmed(cfg)
     batch = synthetic_batch(args.batch, args.crop, torch.device("cpu"), seed=args.seed + rank)
-    step = deepspeed_step(method, cfg) if args.engine == "deepspeed" else ddp_step(method, args)
+    step = deepspeed_step(method, cfg) if args.engine == "deepspeed" else ddp_step(method, cfg)
     total = args.warmup + args.steps
     ready = time.perf_counter()
     for i in range(args.warmup):
@@ -126,21 +125,29 @@ def deepspeed_step(method, cfg):
     return step
 
 
-def ddp_step(method, args: argparse.Namespace):
-    """torch DDP over gloo with AdamW: the reference without DeepSpeed."""
+def ddp_step(method, cfg):
+    """torch DDP over gloo: the reference without DeepSpeed, with the engine's own optimizer (AdamW,
+    parameter groups), schedule and gradient clipping, so that both do the same work per step."""
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    from sslmed.train.engine import build_optimizer, lr_factor
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     model = torch.nn.parallel.DistributedDataParallel(method)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=1e-4)
-    bf16 = args.precision == "bf16"
+    optimizer = build_optimizer(method, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, cfg))
+    bf16 = cfg.train.precision == "bf16"
 
     def step(batch: dict, i: int, total: int) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = model(batch)
         loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         method.on_step_end(i, total)
 
@@ -165,7 +172,7 @@ def launch(world: int, args: argparse.Namespace, scratch: Path) -> list[dict]:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": str(args.threads_per_rank)}
-        cmd = [sys.executable, str(Path(__file__).resolve()), *worker_argv(args),
+        cmd = [sys.executable, "-m", "sslmed.bench.scaling", *worker_argv(args),
                "--worker", "--worker-out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env))
         outs.append(out)
@@ -204,6 +211,29 @@ def measure(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+ENGINES = {"zero0": ("deepspeed", 0), "zero2": ("deepspeed", 2), "ddp": ("ddp", 0)}
+
+
+def compare_ddp(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """ZeRO-0, ZeRO-2 and torch DDP, 1 and N ranks each, in interleaved rounds (`--repeats`): drifting
+    load from other jobs then falls on every engine alike. Each figure is the best of its rounds."""
+    best: dict[tuple[str, int], dict] = {}
+    for _ in range(args.repeats):
+        for name, (engine, stage) in ENGINES.items():
+            for row in measure(argparse.Namespace(**{**vars(args), "engine": engine, "zero_stage": stage})):
+                key = (name, row["ranks"])
+                if key not in best or row["per_rank_samples_per_s"] > best[key]["per_rank_samples_per_s"]:
+                    best[key] = {"engine": name, **row}
+    rows = [best[(name, world)] for name in ENGINES for world in args.ranks]
+    for row in rows:
+        row["efficiency"] = row["per_rank_samples_per_s"] / best[(row["engine"], 1)]["per_rank_samples_per_s"]
+    top = max(args.ranks)
+    efficiency = {name: best[(name, top)]["efficiency"] for name in ENGINES}
+    summary = {f"{name}_efficiency": value for name, value in efficiency.items()}
+    summary.update(ranks=top, deepspeed_vs_ddp=efficiency["zero0"] / efficiency["ddp"])
+    return rows, summary
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -225,6 +255,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per world size")
     p.add_argument("--project", action="store_true", help="only print the ZeRO communication projection")
+    p.add_argument("--compare-ddp", action="store_true",
+                   help="ZeRO-0, ZeRO-2 and torch DDP side by side; ends with deepspeed_vs_ddp=…")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --compare-ddp (best kept)")
     p.add_argument("--results", help="directory for scaling.jsonl (default benchmarks/results)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -266,18 +299,24 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: {max(args.ranks) * args.threads_per_rank} threads on {cores} cores: ranks share cores")
     print("note: CPU ranks share memory bandwidth and caches and gloo's threads; this measures the "
           "software path, not GPU interconnect scaling (see --project)")
-    rows = measure(args)
-    print(common.format_table(rows, ["ranks", "per_rank_samples_per_s", "slowest_rank_samples_per_s",
-                                     "total_samples_per_s", "efficiency"]))
+    if args.compare_ddp:
+        rows, compared = compare_ddp(args)
+    else:
+        rows, compared = [{"engine": args.engine, **row} for row in measure(args)], {}
+    print(common.format_table(rows, ["engine", "ranks", "per_rank_samples_per_s",
+                                     "slowest_rank_samples_per_s", "total_samples_per_s", "efficiency"]))
     machine = common.machine_info("cpu")
     setup = {k: getattr(args, k) for k in ("method", "size", "crop", "batch", "steps", "warmup", "zero_stage",
                                            "engine", "precision", "threads_per_rank", "quick")}
-    records = [{**row, **setup, "machine": machine} for row in rows]
+    records = [{**setup, **row, "machine": machine} for row in rows]
     path = common.append_results("scaling", records, args.results)
     print(f"results appended to {path}")
-    summary = {f"per_rank_samples_per_s_{row['ranks']}": row["per_rank_samples_per_s"] for row in rows}
-    summary.update(efficiency=rows[-1]["efficiency"], zero_stage=args.zero_stage, engine=args.engine,
-                   cores=cores, **print_projection())
+    if compared:
+        summary = {"cores": cores, "load_average": machine["load_average"], **compared}
+    else:
+        summary = {f"per_rank_samples_per_s_{row['ranks']}": row["per_rank_samples_per_s"] for row in rows}
+        summary.update(efficiency=rows[-1]["efficiency"], zero_stage=args.zero_stage, engine=args.engine,
+                       cores=cores, **print_projection())
     print(common.summary_line(summary))
     return summary
 

@@ -17,7 +17,7 @@ On a shared machine a wall-clock rate is whatever share of a core the process go
 measures the CPU seconds one volume costs (read + preprocess + encode, in this process, best of 2):
 `cpu_hours` is the projection at that rate, what unshared cores would do.
 
-    python benchmarks/pack.py [--quick]      (or: sslmed bench pack [--quick])
+    sslmed bench pack [--quick]
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from sslmed.io.manifest import load_manifest  # noqa: E402
-from sslmed.io.pack import pack  # noqa: E402
+from sslmed.bench import common
+from sslmed.io.manifest import load_manifest
+from sslmed.io.pack import pack
 
 CORPUS = 160_000  # CTs in the largest public SSL corpus (about 22 TB)
 CLUSTERS = ((1, 2), (1, 64), (8, 64), (32, 64), (128, 64))  # (nodes, cores per node) for the projection

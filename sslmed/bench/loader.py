@@ -24,7 +24,7 @@ every multi-megabyte crop or volume comes from fresh pages that fault in on firs
 MONAI's included, runs with those settings, made at the start, so the ratios compare loaders, not
 allocators. `--glibc-default` measures only the MONAI rows, as MONAI users run them.
 
-    python benchmarks/loader.py [--quick]      (or: sslmed bench loader [--quick])
+    python -m sslmed.bench.loader [--quick]      (or: sslmed bench loader [--quick])
 """
 
 from __future__ import annotations
@@ -40,11 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from sslmed.config import Config  # noqa: E402
-from sslmed.data.pipeline import build_loader, keep_freed_memory_for_reuse  # noqa: E402
+from sslmed.bench import common
+from sslmed.config import Config
+from sslmed.data.pipeline import build_loader, keep_freed_memory_for_reuse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, help="crop edge in voxels, default 96 (quick: 48)")
     p.add_argument("--crops-per-volume", type=int, default=4)
     p.add_argument("--results", help="directory for loader.jsonl (default benchmarks/results)")
+    p.add_argument("--augment", action="store_true",
+                   help="augmentation: MONAI per crop in the loader vs. batched on the training device")
     p.add_argument("--glibc-default", action="store_true",
                    help="only the MONAI rows, with glibc's default allocator settings (as MONAI users run)")
     args = p.parse_args(argv)
@@ -144,12 +144,21 @@ def monai_persistent(files: list[str], args: argparse.Namespace, cache: Path) ->
     return {**result, "cache_build_s": build, "disk_bytes": disk_bytes([cache])}
 
 
-def sslmed_stream(path: Path, args: argparse.Namespace) -> dict:
+def stream_config(path: Path, args: argparse.Namespace, augment_on: str | None = None) -> Config:
+    """One volume's crops per batch; augmentation off, or on the loader core / the training device."""
     cfg = Config()
     cfg.data.path, cfg.data.crop_size, cfg.data.crops_per_volume = str(path), args.crop, args.crops_per_volume
-    cfg.data.workers, cfg.data.augment, cfg.data.shuffle_buffer = 0, False, 16
+    # shuffle blocks of one volume's crops: a pass over the volumes then never hands out crops that an
+    # earlier, separately timed pass already cut
+    cfg.data.workers, cfg.data.augment = 0, augment_on is not None
+    cfg.data.shuffle_buffer = args.crops_per_volume
+    cfg.data.augment_on = augment_on or "device"
     cfg.train.micro_batch = args.crops_per_volume
-    loader = build_loader(cfg, 0, 1)
+    return cfg
+
+
+def sslmed_stream(path: Path, args: argparse.Namespace, augment_on: str | None = None) -> dict:
+    loader = build_loader(stream_config(path, args, augment_on), 0, 1)
 
     def run() -> int:
         crops = 0
@@ -158,6 +167,91 @@ def sslmed_stream(path: Path, args: argparse.Namespace) -> dict:
         return crops
 
     return timed(run)
+
+
+# ---- --augment: MONAI per crop on the loader core vs. batched on the training device -----------
+
+
+def merged(batches: list[dict], size: int) -> list[dict]:
+    """Loader batches regrouped into batches of `size` crops (a GPU step takes more than one volume's)."""
+    crops = [{k: v[i:i + 1] if isinstance(v, torch.Tensor) else v[i:i + 1] for k, v in b.items()}
+             for b in batches for i in range(len(b["key"]))]
+    groups = [crops[i:i + size] for i in range(0, len(crops) - size + 1, size)] or [crops]
+    return [{k: torch.cat([c[k] for c in group]) if isinstance(group[0][k], torch.Tensor)
+             else sum((c[k] for c in group), []) for k in group[0]} for group in groups]
+
+
+def device_augment(batches: list[dict], cfg: Config, device: str) -> dict:
+    """sslmed.data.augment.prepare alone (host → device copy, to float, augmentation) on loader batches."""
+    from sslmed.data.augment import prepare
+
+    if device.startswith("cuda"):
+        batches = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                   for b in merged(batches, 32)]
+
+    def run() -> int:
+        crops = sum(prepare(batch, cfg, 0, step, device)["image"].shape[0]
+                    for step, batch in enumerate(batches))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return crops
+
+    return timed(run)
+
+
+def monai_augment_alone(batches: list[dict]) -> dict:
+    """MONAI's per-crop Compose (today's loader-side augmentation) on the same float crops."""
+    from sslmed.data.augment import to_float
+    from sslmed.data.stages import augmentation
+
+    transform = augmentation()
+    crops = [crop.numpy() for batch in batches for crop in to_float(batch)["image"]]
+
+    def run() -> int:
+        for seed, crop in enumerate(crops):
+            transform.set_random_state(seed=seed)
+            np.asarray(transform(crop), dtype=np.float32)
+        return len(crops)
+
+    return timed(run)
+
+
+def augment_comparison(args: argparse.Namespace) -> dict:
+    """Rows of the --augment run (raw int16 tar shards, 1 core) and its summary."""
+    from sslmed.io.pack import pack
+    from sslmed.io.synthetic import write_phantoms
+
+    with tempfile.TemporaryDirectory(prefix="sslmed-bench-augment-") as tmp:
+        work = Path(tmp)
+        inputs = write_phantoms(work / "in", args.volumes, shape=(args.shape,) * 3, seed=0)
+        path = work / "tar-none"
+        pack(inputs, path, fmt="wds", codec="none", shard_size=256e6)
+        rows = {"loader-monai-augment": sslmed_stream(path, args, "loader"),
+                "loader-for-device-augment": sslmed_stream(path, args, "device")}
+        cfg = stream_config(path, args, "device")
+        loader = build_loader(cfg, 0, 1)
+        batches = [next(loader) for _ in range(args.volumes)]
+    rows["monai-augment-alone"] = monai_augment_alone(batches)
+    rows["device-augment-cpu"] = device_augment(batches, cfg, "cpu")
+    if torch.cuda.is_available():
+        rows["device-augment-cuda"] = device_augment(batches, cfg, "cuda")
+    for row in rows.values():
+        # CPU time per crop as well: on a machine shared with other jobs it still measures the work done
+        row["ms_per_crop"] = 1e3 / row["crops_per_s"]
+        row["cpu_ms_per_crop"] = 1e3 * row["cpu_s"] / row["crops"]
+    monai, device = rows["loader-monai-augment"], rows["loader-for-device-augment"]
+    summary = {"aug_speedup_vs_monai_cpu_time": monai["cpu_ms_per_crop"] / device["cpu_ms_per_crop"],
+               "device_aug_cpu_ms_per_crop": rows["device-augment-cpu"]["cpu_ms_per_crop"],
+               "monai_aug_cpu_ms_per_crop": rows["monai-augment-alone"]["cpu_ms_per_crop"],
+               "monai_loader_crops_per_s": rows["loader-monai-augment"]["crops_per_s"],
+               "device_loader_crops_per_s": rows["loader-for-device-augment"]["crops_per_s"],
+               "monai_aug_ms_per_crop": rows["monai-augment-alone"]["ms_per_crop"]}
+    if "device-augment-cuda" in rows:
+        summary["gpu_aug_ms_per_crop"] = rows["device-augment-cuda"]["ms_per_crop"]
+    speedup = summary["device_loader_crops_per_s"] / summary["monai_loader_crops_per_s"]
+    summary["aug_speedup_vs_monai"] = speedup
+    summary["device_aug_ms_per_crop"] = rows["device-augment-cpu"]["ms_per_crop"]
+    return {"rows": rows, "summary": summary}
 
 
 def stored_blobs(path: Path) -> list[np.ndarray]:
@@ -219,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     used = (f"{args.volumes} int16 volumes of {args.shape}³, {args.crop}³ crops, "
             f"{args.crops_per_volume} crops per loaded volume, 1 process, 1 thread")
     print(f"loader benchmark: {used}", flush=True)
+    if args.augment:
+        return report_augment(args, used)
     with tempfile.TemporaryDirectory(prefix="sslmed-bench-loader-") as tmp:
         work = Path(tmp)
         start = time.perf_counter()
@@ -251,6 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results appended to {path}")
     if summary:
         print(common.summary_line(summary))
+    return 0
+
+
+def report_augment(args: argparse.Namespace, used: str) -> int:
+    result = augment_comparison(args)
+    rows = [{"row": name, **row, "cores_used": row["cpu_s"] / row["seconds"]}
+            for name, row in result["rows"].items()]
+    print(common.format_table(rows, ["row", "crops", "seconds", "cores_used", "crops_per_s", "ms_per_crop",
+                                     "cpu_ms_per_crop"]))
+    record = {"benchmark": "loader-augment", "quick": args.quick, "setup": used, "volumes": args.volumes,
+              "shape": args.shape, "crop": args.crop, "crops_per_volume": args.crops_per_volume,
+              "rows": result["rows"], **result["summary"], "machine": common.machine_info()}
+    path = common.append_results("loader", [record], args.results)
+    print(f"results appended to {path}")
+    print(common.summary_line(result["summary"]))
     return 0
 
 

@@ -31,7 +31,7 @@ GPU_BF16_PEAK_TFLOPS = [
     ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0),
 ]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path("benchmarks") / "results"  # under the current directory: a checkout's own results
 
 
 def _version(package: str) -> str | None:

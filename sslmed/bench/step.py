@@ -6,7 +6,7 @@ synthetic batch, so it measures the model step and nothing else: no data loading
 configuration with torch's FlopCounterMode, without activation checkpointing, so TFLOP/s and MFU are
 model FLOPs (recomputation is not credited).
 
-    python benchmarks/step.py --quick
+    python -m sslmed.bench.step --quick
     sslmed bench step --methods mae --sizes base --crops 96 --batch 64 --compile
 """
 
@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from sslmed.errors import SslmedError  # noqa: E402
+from sslmed.bench import common
+from sslmed.errors import SslmedError
 
 TWINNED = ("mae",)  # methods that MONAI's MaskedAutoEncoderViT computes as well
 # A timing choice, not a need: the residual method's timed steps are its stage 2 (stage 1 lasts one step).
