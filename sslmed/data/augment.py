@@ -215,11 +215,14 @@ def on_subset(x: torch.Tensor, chosen: torch.Tensor, transform: Callable[..., to
 def augment(x: torch.Tensor, params: dict[str, torch.Tensor], generator: torch.Generator | None = None,
             ranges: Ranges = DEFAULT) -> torch.Tensor:
     """The augmented batch: flips, affine, intensity scale and shift, gamma, bias field, blur, noise
-    (MONAI's order: spatial first, noise last). `generator` draws the noise; `chosen` flags are read
-    on the host once, so each family runs on its chosen crops alone."""
+    (MONAI's order: spatial first, noise last). `generator` draws the noise. Each family runs on its
+    chosen crops alone, so the flags are needed on the host: parameters drawn there (as `prepare` does)
+    cost no device sync; parameters drawn on the device are read back once."""
     names = ("affine_on", "gamma_on", "bias_on", "blur_on", "noise_on")
-    flags = torch.cat([params["flip"], torch.stack([params[k] for k in names], dim=1)], dim=1).cpu()
+    flags = torch.cat([params["flip"], torch.stack([params[k] for k in names], dim=1)], dim=1)
+    flags = flags if flags.device.type == "cpu" else flags.cpu()
     host = {"flip": flags[:, :3], **{k: flags[:, 3 + i] for i, k in enumerate(names)}}  # one transfer
+    params = {key: value.to(x.device, non_blocking=True) for key, value in params.items()}
     for axis in range(3):
         x = on_subset(x, host["flip"][:, axis], lambda crops, d=axis: crops.flip(2 + d))
     matrices = affine_matrices(params["rotate"], params["scale"], params["translate"])
@@ -273,10 +276,14 @@ def prepare(batch: dict, cfg: Config, rank: int, step: int, device: torch.device
     batch = to_float(to_device(batch, torch.device(device)))
     if not (cfg.data.augment and cfg.data.augment_on == "device"):
         return batch
+    # Parameters are drawn on the host (a few numbers per crop; the host must know which crops each
+    # family touches, and reading flags back from the device would stall it every step); the noise is
+    # drawn on the device. Both generators are seeded by the step's position.
+    host = rng.step_generator(cfg.train.seed, rank, step, "cpu", rng.AUGMENT, micro_step)
     generator = rng.step_generator(cfg.train.seed, rank, step, device, rng.AUGMENT, micro_step)
     for view in VIEWS:
         if view in batch:
-            batch[view] = augment(batch[view], draw(batch[view].shape[0], generator), generator)
+            batch[view] = augment(batch[view], draw(batch[view].shape[0], host), generator)
     return batch
 
 
