@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--repair-nonfinite", action="store_true",
                       help="replace NaN/Inf by 0 instead of refusing")
     pack.add_argument("--chunk", type=int, default=64, help="zarr chunk edge in voxels")
+    pack.add_argument("--atlas", metavar="TEMPLATE",
+                      help="register each volume to this template (affine) and store atlas coordinates")
 
     for name, text in (("verify", "check every shard/array against the manifest"),
                        ("inspect", "summarise a packed dataset")):
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             args.inputs, args.out, fmt=args.format, spacing=args.spacing, modality=args.modality,
             dtype=args.dtype, shard_size=args.shard_size, workers=args.workers, on_error=args.on_error,
             tags=args.tags, codec=args.codec, foreground_crop=args.foreground_crop,
-            repair_nonfinite=args.repair_nonfinite, chunk=args.chunk,
+            repair_nonfinite=args.repair_nonfinite, chunk=args.chunk, atlas=args.atlas,
         )
         return 1 if summary.get("failed") and args.on_error == "fail" else 0
     if args.command == "verify":

@@ -24,6 +24,7 @@ from monai.transforms import (
 
 from sslmed.config import DataConfig
 from sslmed.data.sources import Sample, SkipCounter, Volume
+from sslmed.io.register import atlas_location
 
 FOREGROUND_LEVEL = 0.1  # normalised intensity above which a voxel counts as foreground
 FOREGROUND_POINTS = 4096  # candidate centres kept per volume; enough for a uniform pick
@@ -64,8 +65,12 @@ def clip_start(start: np.ndarray, shape: Sequence[int], size: int) -> np.ndarray
     return np.array([min(max(int(s), lo), hi) for s, (lo, hi) in zip(start, bounds, strict=True)])
 
 
-def location(start: np.ndarray, shape: Sequence[int], size: int) -> np.ndarray:
-    """The crop centre divided by the volume shape (in [0, 1] for every start `start_range` allows)."""
+def location(start: np.ndarray, shape: Sequence[int], size: int, meta: dict | None = None) -> np.ndarray:
+    """Where a crop is: in a volume packed with an atlas, its centre in the template's coordinates scaled
+    to [−1, 1]; otherwise the crop centre divided by the volume shape (in [0, 1] for every start
+    `start_range` allows)."""
+    if meta is not None and "atlas_affine" in meta:
+        return atlas_location(np.asarray(start) + (size - 1) / 2, meta)
     return ((start + size / 2) / np.asarray(shape, dtype=np.float64)).clip(0, 1).astype(np.float32)
 
 
@@ -107,13 +112,13 @@ class Cropper:
         for plan in plans:
             crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
                     "epoch": item.epoch, "start": plan["start"],
-                    "location": location(plan["start"], shape, size),
+                    "location": location(plan["start"], shape, size, item.sample.meta),
                     "image": self.view(volume, plan["start"], plan["seeds"][0])}
             if cfg.views == 2:
                 crop["image2"] = self.view(volume, plan["start2"], plan["seeds"][1])
             if cfg.neighbour:
                 crop["neighbour"] = self.view(volume, plan["neighbour"], plan["seeds"][2])
-                crop["neighbour_location"] = location(plan["neighbour"], shape, size)
+                crop["neighbour_location"] = location(plan["neighbour"], shape, size, item.sample.meta)
                 crop["neighbour_start"] = plan["neighbour"]
             yield crop
 

@@ -36,8 +36,9 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
          spacing: tuple[float, float, float] | None = None, modality: str = "auto", dtype: str = "int16",
          shard_size: float = 512e6, workers: int = 1, on_error: str = "skip", tags: str | Path | None = None,
          codec: str = "zstd", foreground_crop: bool = False, repair_nonfinite: bool = False,
-         chunk: int = 64) -> dict:
-    """Pack `inputs` (files or folders) into `out`.
+         chunk: int = 64, atlas: str | Path | None = None) -> dict:
+    """Pack `inputs` (files or folders) into `out`; with `atlas` (a template volume) each volume is
+    registered to it and its metadata gains atlas coordinates (sslmed/io/register.py).
 
     Returns a summary: {"ok", "skipped", "failed", "samples", "voxels", "bytes", "out", "format"}."""
     _check_options(fmt, modality, dtype, shard_size, workers, on_error, codec, chunk, spacing)
@@ -49,13 +50,15 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
     settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
                 "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
                 "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
+    if atlas:
+        settings["atlas"] = str(Path(atlas).resolve())
     ledger = Ledger(out, _start_manifest(out, fmt, codec, settings))
     paths = find_inputs(inputs)
     if not paths:
         raise VolumeError(f"no input volumes found in {', '.join(str(p) for p in inputs)}")
     jobs = _plan(paths, ledger, read_tags(tags) if tags else None, tags)
     options = {"spacing": spacing, "modality": modality, "dtype": dtype, "foreground_crop": foreground_crop,
-               "repair_nonfinite": repair_nonfinite}
+               "repair_nonfinite": repair_nonfinite, "atlas": settings.get("atlas")}
     common = {"codec": codec, "entries": ledger.entries, "on_commit": ledger.commit}
     if fmt == "wds":
         writer: WdsWriter | ZarrWriter = WdsWriter(out, shard_size=shard_size, **common)
@@ -231,6 +234,10 @@ def prepare(path: Path, options: dict) -> Outcome:
         volume = read_volume(path, repair_nonfinite=options["repair_nonfinite"])
         array, meta = preprocess(volume, spacing=options["spacing"], modality=options["modality"],
                                  dtype=options["dtype"], foreground_crop=options["foreground_crop"])
+        if options["atlas"]:
+            from sslmed.io.register import register_to_atlas
+
+            meta.update(register_to_atlas(array, meta, options["atlas"]))
     except SslmedError as exc:
         return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
     except Exception as exc:  # an unexpected failure on one input must not lose the others

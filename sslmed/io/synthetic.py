@@ -1,4 +1,5 @@
-"""Generated phantoms for tests, benchmarks and scale runs, and the real MNI152 volumes nilearn ships."""
+"""Generated phantoms for tests, benchmarks and scale runs; the real MNI152 volumes nilearn ships and the
+real example T1 shipped with sslmed."""
 
 from __future__ import annotations
 
@@ -69,6 +70,16 @@ def write_phantoms(out_dir: str | Path, n: int, shape: tuple[int, int, int] = (6
         nib.save(image, str(path))
         paths.append(path)
     return paths
+
+
+ITK_T1 = Path(__file__).resolve().parent.parent / "assets" / "KmeansTest_T1UCharRaw.nii.gz"
+
+
+def itk_t1_path() -> Path:
+    """A real single-subject T1 head (ITK's example data, 128×128×62 at 2×2×3 mm), shipped with sslmed."""
+    if not ITK_T1.is_file():
+        raise DataError(f"{ITK_T1}: the example T1 volume is missing from the installation")
+    return ITK_T1
 
 
 def mni152_paths() -> list[Path]:
