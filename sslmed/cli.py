@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--quick", action="store_true", help="smaller, for tests")
+    demo.add_argument("--config", default="demo", help="the pretraining config (e.g. brain-mri-cpu)")
     return parser
 
 
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from sslmed.demo import run_demo
 
-        run_demo(args.out, quick=args.quick)
+        run_demo(args.out, quick=args.quick, config=args.config)
         return 0
     raise AssertionError(args.command)
 

@@ -38,6 +38,8 @@ class DataConfig:
     neighbour_shift: int = 16
     foreground_bias: float = 0.0  # probability that a crop centre is drawn from foreground voxels
     augment: bool = True  # MONAI intensity/spatial augmentation per crop
+    augment_families: list[str] = field(  # which (sslmed/data/stages.py AUGMENT_FAMILIES)
+        default_factory=lambda: ["flip", "affine", "intensity", "noise"])
     shuffle_buffer: int = 64  # samples held for in-memory shuffling
     workers: int = 2  # DataLoader worker processes per rank
     strict: bool = False  # raise on a corrupt shard instead of counting and skipping it
@@ -54,6 +56,7 @@ class ModelConfig:
     dim: int = 0  # 0: the size's default (ViT width; CNN first-stage width)
     depth: int = 0  # 0: the size's default (ViT blocks; CNN residual units per stage)
     heads: int = 0  # 0: the size's default (ViT attention heads)
+    feature_blocks: int = 1  # ViT: features = pooled tokens of the last N blocks, concatenated
 
 
 @dataclass

@@ -15,15 +15,19 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    RandAdjustContrast,
     RandAffine,
+    RandBiasField,
     RandFlip,
     RandGaussianNoise,
+    RandGaussianSmooth,
     RandScaleIntensity,
     RandShiftIntensity,
 )
 
 from sslmed.config import DataConfig
 from sslmed.data.sources import Sample, SkipCounter, Volume
+from sslmed.errors import ConfigError
 from sslmed.io.register import atlas_location
 
 FOREGROUND_LEVEL = 0.1  # normalised intensity above which a voxel counts as foreground
@@ -39,18 +43,29 @@ class Streamed:
     sample: Sample
 
 
-def augmentation() -> Compose:
-    """Per-crop MONAI augmentation: flips, small rotations/scalings, intensity scale/shift, noise."""
-    return Compose([
-        RandFlip(prob=0.5, spatial_axis=0),
-        RandFlip(prob=0.5, spatial_axis=1),
-        RandFlip(prob=0.5, spatial_axis=2),
-        RandAffine(prob=0.5, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
-                   padding_mode="zeros", mode="bilinear"),
-        RandScaleIntensity(factors=0.1, prob=0.5),
-        RandShiftIntensity(offsets=0.05, prob=0.5),
-        RandGaussianNoise(prob=0.3, std=0.02),
-    ])
+# Per-crop MONAI augmentation by family (`data.augment_families`), applied in this order. Flips mirror
+# anatomy (left/right, head/feet), which a brain never shows; the MRI families instead imitate what
+# differs between scanners and subjects: coil bias fields, contrast (gamma), resolution (blur), noise.
+AUGMENT_FAMILIES = {
+    "flip": lambda: [RandFlip(prob=0.5, spatial_axis=axis) for axis in range(3)],
+    "affine": lambda: [RandAffine(prob=0.5, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
+                                  padding_mode="zeros", mode="bilinear")],
+    "bias_field": lambda: [RandBiasField(prob=0.5, degree=3, coeff_range=(0.0, 0.3))],
+    "gamma": lambda: [RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5))],
+    "blur": lambda: [RandGaussianSmooth(prob=0.3, sigma_x=(0.25, 1.5), sigma_y=(0.25, 1.5),
+                                        sigma_z=(0.25, 1.5))],
+    "intensity": lambda: [RandScaleIntensity(factors=0.1, prob=0.5),
+                          RandShiftIntensity(offsets=0.05, prob=0.5)],
+    "noise": lambda: [RandGaussianNoise(prob=0.3, std=0.02)],
+}
+
+
+def augmentation(families: Sequence[str] = ("flip", "affine", "intensity", "noise")) -> Compose:
+    """The per-crop MONAI augmentation made of `families` (keys of AUGMENT_FAMILIES)."""
+    unknown = [name for name in families if name not in AUGMENT_FAMILIES]
+    if unknown:
+        raise ConfigError(f"data.augment_families: unknown {unknown} (known: {', '.join(AUGMENT_FAMILIES)})")
+    return Compose([t for name in AUGMENT_FAMILIES if name in families for t in AUGMENT_FAMILIES[name]()])
 
 
 def start_range(dim: int, size: int) -> tuple[int, int]:
@@ -86,7 +101,7 @@ class Cropper:
 
     def __init__(self, cfg: DataConfig, seed: int, stream: tuple[int, int], skips: SkipCounter):
         self.cfg, self.seed, self.stream, self.skips = cfg, seed, stream, skips
-        self.augment = augmentation() if cfg.augment else None
+        self.augment = augmentation(cfg.augment_families) if cfg.augment else None
         self.view_shift = max(1, cfg.crop_size // 8)
 
     def __call__(self, volumes: Iterable[Streamed], skip_first: int = 0) -> Iterator[dict]:

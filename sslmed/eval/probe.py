@@ -59,13 +59,7 @@ def finetune(cfg: Config) -> dict:
     train_idx, test_idx = split_train_test(data.labels, cfg.eval.test_fraction, data.groups)
     encoder = build_encoder(cfg, seed=cfg.train.seed).to(_device())
     features = extract_features(encoder, data.images, cfg.eval.batch_size)
-    runs = []
-    for fraction in cfg.eval.label_fractions:
-        for seed in cfg.eval.seeds:
-            chosen = train_idx[label_subset(data.labels[train_idx], fraction, seed)]
-            probs = predict(cfg, encoder, data, features, chosen, test_idx, seed)
-            runs.append({"label_fraction": fraction, "seed": seed, "n_labelled": int(len(chosen)),
-                         "metrics": classification_metrics(data.labels[test_idx], probs, data.classes)})
+    runs = probe_runs(cfg, encoder, data, features, train_idx, test_idx)
     report = {
         "encoder": cfg.eval.encoder, "mode": cfg.eval.mode, "data": cfg.eval.data, "classes": data.classes,
         "n_train": int(len(train_idx)), "n_test": int(len(test_idx)), "runs": runs,
@@ -78,6 +72,20 @@ def finetune(cfg: Config) -> dict:
     write_json_atomic(run_dir / "metrics.json", report)
     print(summary_table(report), f"\nwrote {run_dir / 'metrics.json'}", sep="\n")
     return report
+
+
+def probe_runs(cfg: Config, encoder: nn.Module | None, data: LabelledSet, features: np.ndarray,
+               train_idx: np.ndarray, test_idx: np.ndarray) -> list[dict]:
+    """One run per label fraction × seed: trained on that nested subset of `train_idx`, scored on
+    `test_idx`. (`encoder` is needed only by the modes that train it.)"""
+    runs = []
+    for fraction in cfg.eval.label_fractions:
+        for seed in cfg.eval.seeds:
+            chosen = train_idx[label_subset(data.labels[train_idx], fraction, seed)]
+            probs = predict(cfg, encoder, data, features, chosen, test_idx, seed)
+            runs.append({"label_fraction": fraction, "seed": seed, "n_labelled": int(len(chosen)),
+                         "metrics": classification_metrics(data.labels[test_idx], probs, data.classes)})
+    return runs
 
 
 def predict(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.ndarray,
