@@ -2,8 +2,9 @@
 
 1. pack the MNI152 2009 T1 template and its grey/white-matter maps (shipped in the nilearn wheel) at
    their native 1 mm: the pretraining pool;
-2. pack a second, real subject — the ITK example T1 shipped with sslmed, resampled to 1 mm — registered
-   to the template (`--atlas`). It is never pretrained on;
+2. pack a second, real subject — the ITK example T1 shipped with sslmed, brain-extracted with its own
+   skull strip like the template, resampled to 1 mm — registered to the template (`--atlas`). It is
+   never pretrained on;
 3. pretrain (the `demo` config: a shortened `brain-mri-cpu`) through the DeepSpeed engine, export;
 4. a downstream task that needs anatomical context: crops around the 300 Seitzman-2018 ROI centres
    (MNI coordinates, jittered), labelled cortex / subcortical nuclei / cerebellum. The intensity at a
@@ -107,7 +108,7 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, config: str = "d
     from sslmed.config import load_config
     from sslmed.data.sources import open_dataset
     from sslmed.io.pack import pack
-    from sslmed.io.synthetic import itk_t1_path, mni152_paths
+    from sslmed.io.synthetic import mni152_paths, write_itk_t1_brain
     from sslmed.train.loop import pretrain
 
     out = Path(out)
@@ -117,7 +118,8 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, config: str = "d
     say(f"[1/5] packing the MNI152 2009 T1 template and tissue maps (nilearn) at 1 mm → {unlabeled}")
     pack([str(p) for p in mni152_paths()], str(unlabeled), fmt="wds", modality="mr", dtype="int16")
     say(f"[2/5] packing a second subject (ITK example T1) at 1 mm, registered to the template → {subject}")
-    summary = pack([str(itk_t1_path())], str(subject), fmt="wds", spacing=SUBJECT_SPACING, modality="mr",
+    brain = write_itk_t1_brain(out / "volumes")
+    summary = pack([str(brain)], str(subject), fmt="wds", spacing=SUBJECT_SPACING, modality="mr",
                    dtype="int16", atlas=str(template))
     if summary["ok"] != 1:
         raise DataError("the second subject could not be registered to the template: "

@@ -72,7 +72,9 @@ def write_phantoms(out_dir: str | Path, n: int, shape: tuple[int, int, int] = (6
     return paths
 
 
-ITK_T1 = Path(__file__).resolve().parent.parent / "assets" / "KmeansTest_T1UCharRaw.nii.gz"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ITK_T1 = ASSETS / "KmeansTest_T1UCharRaw.nii.gz"
+ITK_T1_SKULL_STRIP = ASSETS / "KmeansTest_T1RawSkullStrip.nii.gz"  # non-zero inside the brain
 
 
 def itk_t1_path() -> Path:
@@ -80,6 +82,22 @@ def itk_t1_path() -> Path:
     if not ITK_T1.is_file():
         raise DataError(f"{ITK_T1}: the example T1 volume is missing from the installation")
     return ITK_T1
+
+
+def write_itk_t1_brain(folder: str | Path) -> Path:
+    """The ITK T1 with everything outside its skull strip set to 0, as NIfTI in `folder`: a brain-extracted
+    subject comparable with the brain-extracted MNI152 template (registering a whole head to a brain
+    template fits the scalp to the brain's outline)."""
+    import nibabel as nib
+
+    if not ITK_T1_SKULL_STRIP.is_file():
+        raise DataError(f"{ITK_T1_SKULL_STRIP}: the example skull strip is missing from the installation")
+    head = nib.load(str(itk_t1_path()))
+    brain = np.asarray(nib.load(str(ITK_T1_SKULL_STRIP)).dataobj) > 0
+    path = Path(folder) / "itk-t1-brain.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(head.dataobj, dtype=np.float32) * brain, head.affine), str(path))
+    return path
 
 
 def mni152_paths() -> list[Path]:
