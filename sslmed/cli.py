@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="join the parts packed with --part I/N into one dataset")
     merge.add_argument("dir")
+    pack.add_argument("--atlas", metavar="TEMPLATE",
+                      help="register each volume to this template (affine) and store atlas coordinates")
 
     for name, text in (("verify", "check every shard/array against the manifest"),
                        ("inspect", "summarise a packed dataset")):
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--quick", action="store_true", help="smaller, for tests")
+    demo.add_argument("--config", default="demo", help="the pretraining config (e.g. brain-mri-cpu)")
     return parser
 
 
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             tags=args.tags, codec=args.codec, foreground_crop=args.foreground_crop,
             repair_nonfinite=args.repair_nonfinite, chunk=args.chunk, ray=args.ray,
             ray_cpus_per_task=args.ray_cpus_per_task, ray_memory_per_task=args.ray_memory_per_task,
-            part=args.part,
+            part=args.part, atlas=args.atlas,
         )
         return 1 if summary.get("failed") and args.on_error == "fail" else 0
     if args.command == "merge":
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from sslmed.demo import run_demo
 
-        run_demo(args.out, quick=args.quick)
+        run_demo(args.out, quick=args.quick, config=args.config)
         return 0
     raise AssertionError(args.command)
 

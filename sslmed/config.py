@@ -42,6 +42,8 @@ class DataConfig:
     foreground_bias: float = 0.0  # probability that a crop centre is drawn from foreground voxels
     augment: bool = True  # random flips, affine, intensity, gamma, bias field, blur and noise per crop
     augment_on: Literal["device", "loader"] = "device"  # batched on the training device, or MONAI per crop
+    augment_families: list[str] = field(  # which families augment (sslmed/data/augment.py FAMILIES)
+        default_factory=lambda: ["flip", "affine", "intensity", "gamma", "bias_field", "blur", "noise"])
     shuffle_buffer: int = 64  # samples held for in-memory shuffling
     workers: int = 2  # DataLoader worker processes per rank
     strict: bool = False  # raise on a corrupt shard instead of counting and skipping it
@@ -61,6 +63,7 @@ class ModelConfig:
     depth: int = 0  # 0: the size's default (ViT blocks; CNN residual units per stage)
     heads: int = 0  # 0: the size's default (ViT attention heads)
     init: str = ""  # an exported encoder (.safetensors + .json) whose weights start the run's encoder
+    feature_blocks: int = 1  # ViT: features = pooled tokens of the last N blocks, concatenated
 
 
 def setting(default: Any, check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:

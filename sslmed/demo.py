@@ -1,13 +1,19 @@
 """`sslmed demo`: the whole pipeline on real MRI volumes, on this machine.
 
-1. pack the MNI152 2009 T1 template and its grey/white-matter maps (shipped in the nilearn wheel);
-2. pretrain an MAE on them through the DeepSpeed engine, export the encoder;
-3. a downstream task that needs anatomical context: crops around the 300 Seitzman-2018 ROI centres
+1. pack the MNI152 2009 T1 template and its grey/white-matter maps (shipped in the nilearn wheel) at
+   their native 1 mm: the pretraining pool;
+2. pack a second, real subject — the ITK example T1 shipped with sslmed, brain-extracted with its own
+   skull strip like the template, resampled to 1 mm — registered to the template (`--atlas`). It is
+   never pretrained on;
+3. pretrain (the `demo` config: a shortened `brain-mri-cpu`) through the DeepSpeed engine, export;
+4. a downstream task that needs anatomical context: crops around the 300 Seitzman-2018 ROI centres
    (MNI coordinates, jittered), labelled cortex / subcortical nuclei / cerebellum. The intensity at a
-   crop's centre barely separates these (all are grey matter), the surroundings do. Train and test are
-   split by ROI, never by crop, so no region is on both sides;
-4. linear probes at several label fractions and seeds: pretrained encoder vs the same architecture at
-   random init vs an intensity-only baseline (mean of the central 3³ voxels). Table + PNG + JSON.
+   crop's centre barely separates these (all are grey matter), the surroundings do. Two tables:
+   * same template: train and test crops from the template, split by ROI;
+   * cross-subject: the probe trains on the template's crops and is tested on the second subject's
+     crops at the same anatomical places (ROI centres mapped through the registration);
+5. linear probes (sslmed.eval) at several label fractions and seeds: pretrained encoder vs the same
+   architecture at random init vs an intensity-only baseline (mean of the central 3³ voxels).
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sslmed.errors import DataError
 
@@ -25,12 +30,22 @@ from sslmed.errors import DataError
 ROI_CLASSES = ("cortex", "subcortical", "cerebellum")
 _SEITZMAN_CODE_TO_CLASS = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1, 7: 2}
 
+FRACTIONS = (0.01, 0.1, 0.25, 1.0)
+SEEDS = (0, 1, 2)
+ENCODERS = ("pretrained", "random-init", "intensity-only")
+TASKS = ("same-template", "cross-subject")
+CROPS_PER_ROI = 8
+SWEEP_CROPS_PER_ROI = 2  # crops per ROI in the labelled folder for `sslmed sweep sweep-demo`
+JITTER_MM = 4.0
+SUBJECT_SPACING = (1.0, 1.0, 1.0)  # the second subject at the template's resolution
+
 
 @dataclass
 class RoiSet:
     crops: np.ndarray  # (N, S, S, S) float32, normalised intensity
     labels: np.ndarray  # (N,) class index into ROI_CLASSES
     groups: np.ndarray  # (N,) ROI index: crops of one ROI never straddle train/test
+    centres: np.ndarray  # (N, 3) voxel index of each crop's centre in its volume
 
 
 def nilearn_data_dir() -> Path:
@@ -53,30 +68,29 @@ def seitzman_rois() -> tuple[np.ndarray, np.ndarray]:
     return coords, np.array([_SEITZMAN_CODE_TO_CLASS[c] for c in codes])
 
 
+def template_to_voxel(meta: dict) -> np.ndarray:
+    """4×4 map from template millimetres to voxel indices of a packed volume: through its registration
+    when it was packed with an atlas, else its own affine (the volume is the template)."""
+    to_template = meta.get("atlas_affine", meta["affine"])
+    return np.linalg.inv(np.asarray(to_template, dtype=np.float64))
+
+
 def roi_crops(dataset, key: str, size: int, per_roi: int, jitter_mm: float, seed: int) -> RoiSet:
-    """Crops of `size`³ voxels around jittered ROI centres of the packed volume `key`."""
+    """Crops of `size`³ voxels of the packed volume `key` around jittered ROI centres (template mm,
+    mapped into the volume). The jitter depends on `seed` only, so two volumes get the same places."""
     coords, classes = seitzman_rois()
-    meta = dataset.meta(key)
-    world_to_voxel = np.linalg.inv(np.asarray(meta["affine"], dtype=np.float64))
+    to_voxel = template_to_voxel(dataset.meta(key))
     rng = np.random.default_rng(seed)
-    crops, labels, groups = [], [], []
+    crops, labels, groups, centres = [], [], [], []
     for roi, (centre_mm, label) in enumerate(zip(coords, classes, strict=True)):
         for _ in range(per_roi):
             jittered = centre_mm + rng.uniform(-jitter_mm, jitter_mm, size=3)
-            voxel = world_to_voxel @ np.append(jittered, 1.0)
-            start = np.round(voxel[:3]).astype(int) - size // 2
-            crops.append(dataset.read_crop(key, start, (size, size, size)))
+            centre = np.round((to_voxel @ np.append(jittered, 1.0))[:3]).astype(int)
+            crops.append(dataset.read_crop(key, centre - size // 2, (size, size, size)))
             labels.append(label)
             groups.append(roi)
-    return RoiSet(np.stack(crops).astype(np.float32), np.array(labels), np.array(groups))
-
-
-@torch.no_grad()
-def encode(encoder: torch.nn.Module, crops: np.ndarray, batch: int = 64) -> np.ndarray:
-    encoder.eval()
-    features = [encoder(torch.from_numpy(crops[i:i + batch]).unsqueeze(1)).float().numpy()
-                for i in range(0, len(crops), batch)]
-    return np.concatenate(features)
+            centres.append(centre)
+    return RoiSet(np.stack(crops).astype(np.float32), np.array(labels), np.array(groups), np.array(centres))
 
 
 def central_intensity(crops: np.ndarray) -> np.ndarray:
@@ -87,47 +101,59 @@ def central_intensity(crops: np.ndarray) -> np.ndarray:
 
 # ---- the run ------------------------------------------------------------------------------------
 
-FRACTIONS = (0.05, 0.1, 0.25, 1.0)
-SEEDS = (0, 1, 2)
-ENCODERS = ("pretrained", "random-init", "intensity-only")
-CROPS_PER_ROI = 8
-SWEEP_CROPS_PER_ROI = 2  # crops per ROI in the labelled folder for `sslmed sweep sweep-demo`
-JITTER_MM = 4.0
 
-
-def run_demo(out: str | Path = "demo-out", quick: bool = False) -> dict:
-    """Pack → pretrain → export → ROI-context probes; prints the table, writes results.{md,json,png}."""
+def run_demo(out: str | Path = "demo-out", quick: bool = False, config: str = "demo") -> dict:
+    """Pack → register → pretrain (`config`, e.g. the full `brain-mri-cpu`) → export → probes on two
+    tasks; prints both tables, writes results.{md,json,png}."""
     from sslmed.config import load_config
     from sslmed.data.sources import open_dataset
     from sslmed.io.pack import pack
-    from sslmed.io.synthetic import mni152_paths
+    from sslmed.io.synthetic import mni152_paths, write_itk_t1_brain
     from sslmed.train.loop import pretrain
 
     out = Path(out)
     started = time.perf_counter()
-    unlabeled = out / "unlabeled"
-    say(f"[1/4] packing the MNI152 2009 T1 template and tissue maps (nilearn) at 2 mm → {unlabeled}")
-    pack([str(p) for p in mni152_paths()], str(unlabeled), fmt="wds", spacing=(2.0, 2.0, 2.0),
-         modality="mr", dtype="int16")
+    unlabeled, subject = out / "unlabeled", out / "subject"
+    template = mni152_paths()[0]
+    say(f"[1/5] packing the MNI152 2009 T1 template and tissue maps (nilearn) at 1 mm → {unlabeled}")
+    pack([str(p) for p in mni152_paths()], str(unlabeled), fmt="wds", modality="mr", dtype="int16")
+    say(f"[2/5] packing a second subject (ITK example T1) at 1 mm, registered to the template → {subject}")
+    brain = write_itk_t1_brain(out / "volumes")
+    summary = pack([str(brain)], str(subject), fmt="wds", spacing=SUBJECT_SPACING, modality="mr",
+                   dtype="int16", atlas=str(template))
+    if summary["ok"] != 1:
+        raise DataError("the second subject could not be registered to the template: "
+                        f"see {subject / 'report.jsonl'}")
 
-    overrides = [f"run.dir={out / 'pretrain'}", f"data.path={unlabeled}"]
+    fractions, seeds = (FRACTIONS, SEEDS[:1]) if quick else (FRACTIONS, SEEDS)
+    overrides = [f"run.dir={out / 'pretrain'}", f"data.path={unlabeled}",
+                 f"eval.label_fractions={list(fractions)}", f"eval.seeds={list(seeds)}", "eval.mode=linear"]
     if quick:
         overrides += ["train.steps=6", "train.micro_batch=4", "checkpoint.every=3"]
-    cfg = load_config("demo", overrides)
-    say(f"[2/4] MAE pretraining, {cfg.train.steps} steps through the DeepSpeed engine → {cfg.run.dir}")
+    cfg = load_config(config, overrides)
+    say(f"[3/5] {cfg.method.name} pretraining, {cfg.train.steps} steps through the DeepSpeed engine → "
+        f"{cfg.run.dir}")
     run_dir = pretrain(cfg)
 
-    say("[3/4] crops around the 300 Seitzman-2018 ROI centres of the T1 template (split by ROI)")
-    dataset = open_dataset(unlabeled)
-    t1_key = next(k for k in dataset.keys if "_t1_" in k)
-    rois = roi_crops(dataset, t1_key, cfg.data.crop_size, 2 if quick else CROPS_PER_ROI, JITTER_MM, seed=0)
+    say("[4/5] crops around the 300 Seitzman-2018 ROI centres: template, and the subject at mapped centres")
+    per_roi = 2 if quick else CROPS_PER_ROI
+    size = cfg.data.crop_size
+    templates = open_dataset(unlabeled)
+    t1_key = next(k for k in templates.keys if "_t1_" in k)
+    template_rois = roi_crops(templates, t1_key, size, per_roi, JITTER_MM, seed=0)
+    subjects = open_dataset(subject)
+    subject_rois = roi_crops(subjects, subjects.keys[0], size, per_roi, JITTER_MM, seed=1)
+    write_labelled_folder(template_rois, out / "rois", per_roi=SWEEP_CROPS_PER_ROI)
 
-    write_labelled_folder(rois, out / "rois", per_roi=SWEEP_CROPS_PER_ROI)
-
-    say("[4/4] linear probes at label fractions " + ", ".join(f"{f:g}" for f in FRACTIONS))
-    features = roi_features(cfg, run_dir / "encoder.safetensors", rois.crops)
-    results = probe_all(cfg, rois, features, seeds=SEEDS[:1] if quick else SEEDS)
+    say("[5/5] linear probes at label fractions " + ", ".join(f"{f:g}" for f in fractions))
+    encoders = demo_encoders(cfg, run_dir / "encoder.safetensors")
+    results = {"tasks": {
+        "same-template": same_template_task(cfg, encoders, template_rois),
+        "cross-subject": cross_subject_task(cfg, encoders, template_rois, subject_rois),
+    }}
+    results["registration_metric"] = subjects.meta(subjects.keys[0])["atlas_metric"]
     results["seconds"] = round(time.perf_counter() - started, 1)
+    results["table"] = tables(results["tasks"])
     write_results(out, results)
     say(results["table"])
     say(f"done in {results['seconds']:.0f} s: {out / 'results.md'}, {out / 'results.png'}, "
@@ -156,96 +182,91 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def roi_features(cfg, encoder_path: Path, crops: np.ndarray) -> dict[str, np.ndarray]:
-    import sslmed
+# ---- evaluation through sslmed.eval --------------------------------------------------------------
+
+
+def demo_encoders(cfg, encoder_path: Path) -> dict:
+    """The encoders compared: the exported one, and the same architecture built as the evaluation API
+    builds `eval.encoder=random` (same init code, same seed, no training)."""
+    from sslmed.config import config_from_dict
+    from sslmed.eval.encoders import build_encoder
+
+    pretrained = config_from_dict(cfg.to_dict())
+    pretrained.eval.encoder = str(encoder_path)
+    random_init = config_from_dict(cfg.to_dict())
+    random_init.eval.encoder = "random"
+    return {"pretrained": build_encoder(pretrained, seed=cfg.train.seed),
+            "random-init": build_encoder(random_init, seed=cfg.train.seed)}
+
+
+def features_of(cfg, encoders: dict, crops: np.ndarray) -> dict[str, np.ndarray]:
     from sslmed.eval.encoders import extract_features
-    from sslmed.models import build_backbone
 
-    images = crops[:, None]
-    torch.manual_seed(cfg.train.seed)  # the same random init the pretrained encoder started from
-    return {
-        "pretrained": extract_features(sslmed.load_encoder(encoder_path), images, batch_size=64),
-        "random-init": extract_features(build_backbone(cfg), images, batch_size=64),
-        "intensity-only": central_intensity(crops),
-    }
+    found = {name: extract_features(encoder, crops[:, None], cfg.eval.batch_size)
+             for name, encoder in encoders.items()}
+    return {**found, "intensity-only": central_intensity(crops)}
 
 
-def probe_all(cfg, rois: RoiSet, features: dict[str, np.ndarray], seeds) -> dict:
-    """Linear probe per encoder × label fraction × seed on one ROI-grouped train/test split."""
+def probe(cfg, images: np.ndarray, labels: np.ndarray, features: dict[str, np.ndarray],
+          train_idx: np.ndarray, test_idx: np.ndarray) -> dict:
+    """{encoder: {"runs", "summary", "clustering"}}: linear probes of every encoder's features."""
     from sslmed.eval.labelled import LabelledSet
-    from sslmed.eval.metrics import classification_metrics, clustering_metrics
-    from sslmed.eval.probe import predict
-    from sslmed.eval.subsets import label_subset, split_train_test
+    from sslmed.eval.metrics import clustering_metrics
+    from sslmed.eval.probe import SUMMARY_METRICS, probe_runs
+    from sslmed.eval.reports import summarise
 
-    cfg.eval.mode = "linear"
-    data = LabelledSet(rois.crops[:, None], rois.labels, list(ROI_CLASSES), rois.groups,
-                       [str(i) for i in range(len(rois.labels))])
-    train_idx, test_idx = split_train_test(rois.labels, cfg.eval.test_fraction, rois.groups)
-    rows = []
+    data = LabelledSet(images[:, None], labels, list(ROI_CLASSES), None, [str(i) for i in range(len(labels))])
+    report = {}
     for name, feats in features.items():
-        for fraction in FRACTIONS:
-            for seed in seeds:
-                chosen = train_idx[label_subset(rois.labels[train_idx], fraction, seed)]
-                probs = predict(cfg, None, data, feats, chosen, test_idx, seed)
-                scores = classification_metrics(rois.labels[test_idx], probs, list(ROI_CLASSES))
-                rows.append({"encoder": name, "label_fraction": fraction, "seed": seed,
-                             "n_labelled": int(len(chosen)),
-                             **{k: scores[k] for k in ("balanced_accuracy", "macro_f1", "auroc")}})
-    clusters = {name: clustering_metrics(feats[test_idx], rois.labels[test_idx], len(ROI_CLASSES))
-                for name, feats in features.items()}
-    return {"rows": rows, "clustering": clusters, "n_train_rois": len(np.unique(rois.groups[train_idx])),
-            "n_test_rois": len(np.unique(rois.groups[test_idx])), "n_crops": len(rois.labels),
-            "table": table(rows, clusters)}
+        runs = probe_runs(cfg, None, data, feats, train_idx, test_idx)
+        report[name] = {"runs": runs, "summary": summarise(runs, SUMMARY_METRICS),
+                        "clustering": clustering_metrics(feats[test_idx], labels[test_idx], len(ROI_CLASSES))}
+    return report
 
 
-def table(rows: list[dict], clusters: dict) -> str:
-    """Balanced accuracy (mean ± std over seeds) per label fraction and encoder, markdown."""
-    head = "| label fraction | " + " | ".join(ENCODERS) + " |"
-    lines = [head, "|" + "---|" * (len(ENCODERS) + 1)]
-    for fraction in FRACTIONS:
-        cells = []
-        for name in ENCODERS:
-            values = [r["balanced_accuracy"] for r in rows if r["encoder"] == name
-                      and r["label_fraction"] == fraction]
-            cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}")
-        lines.append(f"| {fraction:g} | " + " | ".join(cells) + " |")
-    nmi = " | ".join(f"{clusters[name]['nmi']:.3f}" for name in ENCODERS)
-    lines.append(f"| k-means NMI (test) | {nmi} |")
-    return ("Balanced accuracy, cortex / subcortical / cerebellum, test ROIs unseen in training "
-            "(chance 0.333):\n\n" + "\n".join(lines))
+def same_template_task(cfg, encoders: dict, rois: RoiSet) -> dict:
+    """Train and test crops from the template, split by ROI (no ROI on both sides)."""
+    from sslmed.eval.subsets import split_train_test
+
+    train_idx, test_idx = split_train_test(rois.labels, cfg.eval.test_fraction, rois.groups)
+    return {"n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
+            "n_train_rois": len(np.unique(rois.groups[train_idx])),
+            "n_test_rois": len(np.unique(rois.groups[test_idx])),
+            "encoders": probe(cfg, rois.crops, rois.labels, features_of(cfg, encoders, rois.crops),
+                              train_idx, test_idx)}
+
+
+def cross_subject_task(cfg, encoders: dict, template: RoiSet, subject: RoiSet) -> dict:
+    """Train on every template crop, test on every crop of the second subject."""
+    crops = np.concatenate([template.crops, subject.crops])
+    labels = np.concatenate([template.labels, subject.labels])
+    train_idx = np.arange(len(template.labels))
+    test_idx = np.arange(len(template.labels), len(labels))
+    return {"n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
+            "encoders": probe(cfg, crops, labels, features_of(cfg, encoders, crops), train_idx, test_idx)}
+
+
+def tables(tasks: dict) -> str:
+    from sslmed.eval.reports import comparison_table
+
+    titles = {"same-template": "same template: train and test ROIs of the MNI152 template, split by ROI",
+              "cross-subject": "cross-subject: trained on the template, tested on the ITK T1 at mapped ROIs"}
+    parts = []
+    for task, result in tasks.items():
+        summaries = {name: entry["summary"] for name, entry in result["encoders"].items()}
+        nmi = {name: entry["clustering"]["nmi"] for name, entry in result["encoders"].items()}
+        parts.append(f"Balanced accuracy (mean ± std over seeds), {titles[task]} "
+                     f"({result['n_train']} train / {result['n_test']} test crops; chance 0.333):\n\n"
+                     + comparison_table(summaries, "balanced_accuracy",
+                                        extra_rows={"k-means NMI (test)": nmi}))
+    return "\n\n".join(parts)
 
 
 def write_results(out: Path, results: dict) -> None:
-    from sslmed.eval.reports import write_json_atomic, write_text_atomic
+    from sslmed.eval.reports import plot_comparison, write_json_atomic, write_text_atomic
 
     write_json_atomic(out / "results.json", {k: v for k, v in results.items() if k != "table"})
     write_text_atomic(out / "results.md", results["table"] + "\n")
-    plot(results["rows"], out / "results.png")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ENCODERS:
-        means, stds = [], []
-        for fraction in FRACTIONS:
-            values = [r["balanced_accuracy"] for r in rows if r["encoder"] == name
-                      and r["label_fraction"] == fraction]
-            means.append(np.mean(values))
-            stds.append(np.std(values))
-        ax.errorbar(FRACTIONS, means, yerr=stds, marker="o", capsize=3, label=name)
-    ax.axhline(1 / len(ROI_CLASSES), color="grey", linestyle=":", label="chance")
-    ax.set_xscale("log")
-    ax.set_xlabel("label fraction")
-    ax.set_ylabel("balanced accuracy (test ROIs)")
-    ax.set_title("ROI context task on MNI152: pretrained vs baselines")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    panels = {task: {name: entry["summary"] for name, entry in result["encoders"].items()}
+              for task, result in results["tasks"].items()}
+    plot_comparison(panels, "balanced_accuracy", out / "results.png", chance=1 / len(ROI_CLASSES))

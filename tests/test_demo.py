@@ -1,5 +1,6 @@
-"""End to end on real volumes (the MNI152 template from nilearn): pack → pretrain → export → probes,
-then a resumed pretraining run continuing from the demo's last checkpoint."""
+"""End to end on real volumes (the MNI152 template from nilearn, the ITK example T1 registered to it):
+pack → register → pretrain → export → probes on both tasks, then a resumed pretraining run continuing
+from the demo's last checkpoint."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import numpy as np
 import torch
 
 from sslmed.config import load_config
+from sslmed.data.sources import open_dataset
 from sslmed.demo import (
     ENCODERS,
     FRACTIONS,
+    JITTER_MM,
     ROI_CLASSES,
     SWEEP_CROPS_PER_ROI,
+    TASKS,
     central_intensity,
+    roi_crops,
     run_demo,
     seitzman_rois,
 )
@@ -40,14 +45,21 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "demo"
     results = run_demo(out, quick=True)
 
-    rows = results["rows"]
-    assert {r["encoder"] for r in rows} == set(ENCODERS)
-    assert {r["label_fraction"] for r in rows} == set(FRACTIONS)
-    assert all(0.0 <= r["balanced_accuracy"] <= 1.0 for r in rows)
-    assert results["n_train_rois"] + results["n_test_rois"] == 300  # split by ROI: each on one side only
+    for task in TASKS:
+        result = results["tasks"][task]
+        assert set(result["encoders"]) == set(ENCODERS)
+        for entry in result["encoders"].values():
+            assert {float(f) for f in entry["summary"]} == set(FRACTIONS)
+            assert all(0.0 <= run["metrics"]["balanced_accuracy"] <= 1.0 for run in entry["runs"])
+    same = results["tasks"]["same-template"]
+    assert same["n_train_rois"] + same["n_test_rois"] == 300  # split by ROI: each on one side only
+    cross = results["tasks"]["cross-subject"]
+    assert cross["n_train"] == cross["n_test"] == 300 * 2  # all template crops train, all subject crops test
+    assert "cross-subject" in results["table"] and "same template" in results["table"]
     for name in ("results.md", "results.json", "results.png"):
         assert (out / name).stat().st_size > 0
-    assert json.loads((out / "unlabeled" / "manifest.json").read_text())["samples"] == 3
+    assert json.loads((out / "unlabeled" / "manifest.json").read_text())["samples"] == 3  # no subject in it
+    check_subject_labels_come_from_mapped_roi_centres(out / "subject")
     labelled = (out / "rois" / "labels.csv").read_text().splitlines()  # the sweep-demo labelled set
     assert labelled[0] == "path,label,group" and len(labelled) == 1 + 300 * SWEEP_CROPS_PER_ROI
     assert {line.split(",")[1] for line in labelled[1:]} == set(ROI_CLASSES)
@@ -59,3 +71,19 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     pretrain(cfg)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [7, 8] and steps.count(7) == 1  # continued after the quick run's 6 steps
+
+
+def check_subject_labels_come_from_mapped_roi_centres(subject):
+    """Each crop of the second subject, mapped back through its registration, sits at (jittered, rounded)
+    the ROI whose class it carries."""
+    dataset = open_dataset(subject)
+    key = dataset.keys[0]
+    meta = dataset.meta(key)
+    rois = roi_crops(dataset, key, 16, 1, JITTER_MM, seed=3)
+    coords, classes = seitzman_rois()
+    in_template = (np.asarray(meta["atlas_affine"]) @ np.c_[rois.centres, np.ones(len(rois.centres))].T)[:3].T
+    distance = np.linalg.norm(in_template - coords[rois.groups], axis=1)
+    voxel_mm = np.linalg.norm(np.asarray(meta["atlas_affine"])[:3, :3], axis=0).max()
+    assert distance.max() <= np.sqrt(3) * (JITTER_MM + voxel_mm)
+    assert np.array_equal(rois.labels, classes[rois.groups])
+    assert np.array_equal(rois.groups, np.arange(300))

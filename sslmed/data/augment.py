@@ -15,7 +15,8 @@ reproduces it bit for bit, with no state saved.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from sslmed import rng
 from sslmed.config import Config
+from sslmed.errors import ConfigError
 
 VIEWS = ("image", "image2", "neighbour")
 
@@ -54,6 +56,23 @@ class Ranges:
 
 
 DEFAULT = Ranges()
+
+# The families `data.augment_families` names, each with the probabilities that switch it on. Flips
+# mirror anatomy (left/right, head/feet), which a brain never shows; the MRI families imitate what differs
+# between scanners and subjects: coil bias fields, contrast (gamma), resolution (blur), noise.
+FAMILIES = {"flip": ("flip_prob",), "affine": ("affine_prob",),
+            "intensity": ("intensity_scale_prob", "shift_prob"), "gamma": ("gamma_prob",),
+            "bias_field": ("bias_prob",), "blur": ("blur_prob",), "noise": ("noise_prob",)}
+
+
+def ranges_for(families: Sequence[str], base: Ranges = DEFAULT) -> Ranges:
+    """`base` with every family that `families` does not name switched off (probability 0). The draws
+    stay the same sequence whatever is switched off, so the named families see the same parameters."""
+    unknown = [name for name in families if name not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"data.augment_families: unknown {unknown} (known: {', '.join(FAMILIES)})")
+    return dataclasses.replace(base, **{prob: 0.0 for name, probs in FAMILIES.items() if name not in families
+                                        for prob in probs})
 TRUNCATED = 4.0  # Gaussian kernels reach 4 sigma, as MONAI's GaussianSmooth
 
 
@@ -281,9 +300,10 @@ def prepare(batch: dict, cfg: Config, rank: int, step: int, device: torch.device
     # drawn on the device. Both generators are seeded by the step's position.
     host = rng.step_generator(cfg.train.seed, rank, step, "cpu", rng.AUGMENT, micro_step)
     generator = rng.step_generator(cfg.train.seed, rank, step, device, rng.AUGMENT, micro_step)
+    ranges = ranges_for(cfg.data.augment_families)
     for view in VIEWS:
         if view in batch:
-            batch[view] = augment(batch[view], draw(batch[view].shape[0], host), generator)
+            batch[view] = augment(batch[view], draw(batch[view].shape[0], host, ranges), generator, ranges)
     return batch
 
 

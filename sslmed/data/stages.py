@@ -27,9 +27,10 @@ from monai.transforms import (
 
 from sslmed.config import DataConfig
 from sslmed.data.augment import DEFAULT as DEFAULT_AUGMENTATION
-from sslmed.data.augment import Ranges
+from sslmed.data.augment import Ranges, ranges_for
 from sslmed.data.roi import load_roi_centres, roi_centre
 from sslmed.data.sources import Sample, SkipCounter, StoredVolume
+from sslmed.io.register import atlas_location
 
 FOREGROUND_LEVEL = 0.1  # normalised intensity above which a voxel counts as foreground
 FOREGROUND_POINTS = 4096  # candidate centres kept per volume; enough for a uniform pick
@@ -76,8 +77,12 @@ def clip_start(start: np.ndarray, shape: Sequence[int], size: int) -> np.ndarray
     return np.array([min(max(int(s), lo), hi) for s, (lo, hi) in zip(start, bounds, strict=True)])
 
 
-def location(start: np.ndarray, shape: Sequence[int], size: int) -> np.ndarray:
-    """The crop centre divided by the volume shape (in [0, 1] for every start `start_range` allows)."""
+def location(start: np.ndarray, shape: Sequence[int], size: int, meta: dict | None = None) -> np.ndarray:
+    """Where a crop is: in a volume packed with an atlas, its centre in the template's coordinates scaled
+    to [−1, 1]; otherwise the crop centre divided by the volume shape (in [0, 1] for every start
+    `start_range` allows)."""
+    if meta is not None and "atlas_affine" in meta:
+        return atlas_location(np.asarray(start) + (size - 1) / 2, meta)
     return ((start + size / 2) / np.asarray(shape, dtype=np.float64)).clip(0, 1).astype(np.float32)
 
 
@@ -94,7 +99,8 @@ class Cropper:
     def __init__(self, cfg: DataConfig, seed: int, stream: tuple[int, int], skips: SkipCounter):
         self.cfg, self.seed, self.stream, self.skips = cfg, seed, stream, skips
         # on the training device the loader leaves crops as stored; sslmed.data.augment converts them there
-        self.augment = augmentation() if cfg.augment and cfg.augment_on == "loader" else None
+        loader_side = cfg.augment and cfg.augment_on == "loader"
+        self.augment = augmentation(ranges_for(cfg.augment_families)) if loader_side else None
         self.view_shift = max(1, cfg.crop_size // 8)
         self.rois = load_roi_centres(cfg.roi_centres) if cfg.roi_centres else None
 
@@ -133,7 +139,7 @@ class Cropper:
         for plan in plans:
             crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
                     "epoch": item.epoch, "start": plan["start"],
-                    "location": location(plan["start"], shape, size),
+                    "location": location(plan["start"], shape, size, item.sample.meta),
                     **self.view("image", volume, plan["start"], plan["seeds"][0])}
             if self.augment is None:
                 crop["intensity"] = np.array([volume.scale, volume.offset], dtype=np.float32)
@@ -141,7 +147,7 @@ class Cropper:
                 crop.update(self.view("image2", volume, plan["start2"], plan["seeds"][1]))
             if cfg.neighbour:
                 crop.update(self.view("neighbour", volume, plan["neighbour"], plan["seeds"][2]))
-                crop["neighbour_location"] = location(plan["neighbour"], shape, size)
+                crop["neighbour_location"] = location(plan["neighbour"], shape, size, item.sample.meta)
                 crop["neighbour_start"] = plan["neighbour"]
             yield crop
 

@@ -85,7 +85,7 @@ def finetune(cfg: Config) -> dict:
         runs, clustering = cluster_evaluation(cfg, data, features, train_idx, test_idx, positive)
         summary_metrics = CLUSTER_SUMMARY_METRICS
     else:
-        runs = trained_runs(cfg, encoder, data, features, train_idx, test_idx, positive)
+        runs = probe_runs(cfg, encoder, data, features, train_idx, test_idx, positive)
         clustering = clustering_metrics(features[test_idx], data.labels[test_idx],
                                         cfg.eval.clusters or len(data.classes), seed=cfg.train.seed)
         summary_metrics = SUMMARY_METRICS
@@ -104,9 +104,10 @@ def finetune(cfg: Config) -> dict:
     return report
 
 
-def trained_runs(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.ndarray,
-                 train_idx: np.ndarray, test_idx: np.ndarray, positive: int | None) -> list[dict]:
-    """One run per (fold,) label fraction and seed, each scored on the test split."""
+def probe_runs(cfg: Config, encoder: nn.Module | None, data: LabelledSet, features: np.ndarray,
+               train_idx: np.ndarray, test_idx: np.ndarray, positive: int | None = None) -> list[dict]:
+    """One run per (fold,) label fraction × seed: trained on that nested subset of `train_idx` (of the
+    fold's pool), scored on `test_idx`. (`encoder` is needed only by the modes that train it.)"""
     runs = []
     for fold, pool, val_idx in training_pools(cfg, data, train_idx):
         for fraction in cfg.eval.label_fractions:

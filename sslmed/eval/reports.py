@@ -76,3 +76,49 @@ def format_mean_std(stats: dict, digits: int = 3) -> str:
     if stats["n"] == 0:
         return "n/a"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def comparison_table(summaries: dict[str, dict], metric: str,
+                     extra_rows: dict[str, dict] | None = None) -> str:
+    """Markdown: one row per label fraction, one column per encoder (`summarise` outputs by name),
+    mean ± std over seeds; `extra_rows` adds rows of one number per encoder."""
+    names = list(summaries)
+    fractions = sorted({f for summary in summaries.values() for f in summary}, key=float)
+    lines = ["| label fraction | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for fraction in fractions:
+        cells = [format_mean_std(summaries[n][fraction][metric]) if fraction in summaries[n] else ""
+                 for n in names]
+        lines.append(f"| {float(fraction):g} | " + " | ".join(cells) + " |")
+    for label, values in (extra_rows or {}).items():
+        lines.append(f"| {label} | " + " | ".join(f"{values[n]:.3f}" if n in values else "" for n in names)
+                     + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(panels: dict[str, dict[str, dict]], metric: str, path: Path,
+                    chance: float | None = None) -> None:
+    """One panel per task ({task: {encoder: summary}}): `metric` vs label fraction, mean ± std."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5 * len(panels), 4), dpi=110)
+    FigureCanvasAgg(figure)
+    for index, (task, summaries) in enumerate(panels.items(), start=1):
+        axes = figure.add_subplot(1, len(panels), index)
+        for name, summary in summaries.items():
+            fractions = sorted(summary, key=float)
+            axes.errorbar([float(f) for f in fractions], [summary[f][metric]["mean"] for f in fractions],
+                          yerr=[summary[f][metric]["std"] for f in fractions], marker="o", capsize=3,
+                          label=name)
+        if chance is not None:
+            axes.axhline(chance, color="grey", linestyle=":", label="chance")
+        axes.set_xscale("log")
+        axes.set_xlabel("label fraction")
+        axes.set_ylabel(metric)
+        axes.set_title(task)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp)
+    tmp.replace(path)

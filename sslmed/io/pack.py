@@ -43,10 +43,13 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
          shard_size: float = 512e6, workers: int = 1, on_error: str = "skip", tags: str | Path | None = None,
          codec: str = "zstd", foreground_crop: bool = False, repair_nonfinite: bool = False,
          chunk: int = 64, ray: str | None = None, ray_cpus_per_task: float = 1.0,
-         ray_memory_per_task: int | None = None, part: tuple[int, int] | None = None) -> dict:
+         ray_memory_per_task: int | None = None, part: tuple[int, int] | None = None,
+         atlas: str | Path | None = None) -> dict:
     """Pack `inputs` (files or folders) into `out`: here with `workers` processes, or over the Ray
     cluster at `ray` ("local", "auto" or host:port) with the given CPUs and memory bytes per task.
-    `part` (I, N) packs only the I-th of N parts of the inputs, into out/parts/I.
+    `part` (I, N) packs only the I-th of N parts of the inputs, into out/parts/I. With `atlas` (a
+    template volume) each volume is registered to it and its metadata gains atlas coordinates
+    (sslmed/io/register.py).
 
     Returns a summary: {"ok", "skipped", "failed", "samples", "voxels", "bytes", "out", "format"}."""
     _check_options(fmt, modality, dtype, shard_size, workers, on_error, codec, chunk, spacing)
@@ -60,6 +63,8 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
         settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
                     "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
                     "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
+        if atlas:
+            settings["atlas"] = str(Path(atlas).resolve())
         ledger = Ledger(out, _start_manifest(out, fmt, codec, settings))
         refused: list[tuple[Path, str]] = []
         paths = find_inputs(inputs, refused)
@@ -71,7 +76,8 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
         selected = start_part(ledger.manifest, out, paths, part) if part is not None else range(len(paths))
         jobs = _plan(paths, ledger, read_tags(tags) if tags else None, tags, selected)
         options = {"spacing": spacing, "modality": modality, "dtype": dtype,
-                   "foreground_crop": foreground_crop, "repair_nonfinite": repair_nonfinite}
+                   "foreground_crop": foreground_crop, "repair_nonfinite": repair_nonfinite,
+                   "atlas": settings.get("atlas")}
         layout = {"fmt": fmt, "codec": codec, "shard_size": shard_size, "chunk": chunk}
         if ray:
             from sslmed.io.pack_ray import pack_on_ray
@@ -319,6 +325,10 @@ def prepare(path: Path, options: dict) -> Outcome:
         volume = read_volume(path, repair_nonfinite=options["repair_nonfinite"])
         array, meta = preprocess(volume, spacing=options["spacing"], modality=options["modality"],
                                  dtype=options["dtype"], foreground_crop=options["foreground_crop"])
+        if options["atlas"]:
+            from sslmed.io.register import register_to_atlas
+
+            meta.update(register_to_atlas(array, meta, options["atlas"]))
     except SslmedError as exc:
         return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
     except Exception as exc:  # an unexpected failure on one input must not lose the others

@@ -1,4 +1,5 @@
-"""Generated phantoms for tests, benchmarks and scale runs, and the real MNI152 volumes nilearn ships."""
+"""Generated phantoms for tests, benchmarks and scale runs; the real MNI152 volumes nilearn ships and the
+real example T1 shipped with sslmed."""
 
 from __future__ import annotations
 
@@ -69,6 +70,34 @@ def write_phantoms(out_dir: str | Path, n: int, shape: tuple[int, int, int] = (6
         nib.save(image, str(path))
         paths.append(path)
     return paths
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ITK_T1 = ASSETS / "KmeansTest_T1UCharRaw.nii.gz"
+ITK_T1_SKULL_STRIP = ASSETS / "KmeansTest_T1RawSkullStrip.nii.gz"  # non-zero inside the brain
+
+
+def itk_t1_path() -> Path:
+    """A real single-subject T1 head (ITK's example data, 128×128×62 at 2×2×3 mm), shipped with sslmed."""
+    if not ITK_T1.is_file():
+        raise DataError(f"{ITK_T1}: the example T1 volume is missing from the installation")
+    return ITK_T1
+
+
+def write_itk_t1_brain(folder: str | Path) -> Path:
+    """The ITK T1 with everything outside its skull strip set to 0, as NIfTI in `folder`: a brain-extracted
+    subject comparable with the brain-extracted MNI152 template (registering a whole head to a brain
+    template fits the scalp to the brain's outline)."""
+    import nibabel as nib
+
+    if not ITK_T1_SKULL_STRIP.is_file():
+        raise DataError(f"{ITK_T1_SKULL_STRIP}: the example skull strip is missing from the installation")
+    head = nib.load(str(itk_t1_path()))
+    brain = np.asarray(nib.load(str(ITK_T1_SKULL_STRIP)).dataobj) > 0
+    path = Path(folder) / "itk-t1-brain.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(head.dataobj, dtype=np.float32) * brain, head.affine), str(path))
+    return path
 
 
 def mni152_paths() -> list[Path]:

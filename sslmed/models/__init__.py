@@ -19,7 +19,7 @@ def backbone_kwargs(cfg: Config) -> dict:
     m = cfg.model
     common = {"size": m.size, "in_channels": m.in_channels, "dim": m.dim, "depth": m.depth}
     if m.arch == "vit3d":
-        return {**common, "patch_size": m.patch_size, "heads": m.heads}
+        return {**common, "patch_size": m.patch_size, "heads": m.heads, "feature_blocks": m.feature_blocks}
     return common
 
 
@@ -30,8 +30,8 @@ def build_backbone(cfg: Config, arch: str | None = None) -> nn.Module:
         raise ConfigError(f"unknown model.arch '{name}' (known: {', '.join(BACKBONES)})")
     kwargs = backbone_kwargs(cfg)
     if name != "vit3d":
-        kwargs.pop("patch_size", None)
-        kwargs.pop("heads", None)
+        for vit_only in ("patch_size", "heads", "feature_blocks"):
+            kwargs.pop(vit_only, None)
     return BACKBONES[name](**kwargs)
 
 

@@ -90,10 +90,12 @@ class PositionCache(nn.Module):
 
 
 class ViT3D(nn.Module):
-    """(B, C, D, H, W) → (B, dim) mean-pooled features; `forward_tokens` gives the token sequence."""
+    """(B, C, D, H, W) → (B, feature_blocks · dim) features: the tokens of each of the last
+    `feature_blocks` blocks, layer-normalised and mean-pooled, concatenated (the multi-block readout of
+    DINOv2 / MAE linear probes; 1 gives the last block alone). `forward_tokens` gives the token sequence."""
 
     def __init__(self, size: str = "tiny", patch_size: int = 16, in_channels: int = 1, dim: int = 0,
-                 depth: int = 0, heads: int = 0, mlp_ratio: float = 4.0) -> None:
+                 depth: int = 0, heads: int = 0, mlp_ratio: float = 4.0, feature_blocks: int = 1) -> None:
         super().__init__()
         if size not in VIT_SIZES:
             raise ConfigError(f"unknown ViT size '{size}' (sizes: {', '.join(VIT_SIZES)})")
@@ -101,6 +103,10 @@ class ViT3D(nn.Module):
         self.dim, self.depth, self.heads = dim or base_dim, depth or base_depth, heads or base_heads
         self.size, self.patch_size, self.in_channels = size, patch_size, in_channels
         self.mlp_ratio = mlp_ratio
+        if not 1 <= feature_blocks <= self.depth:
+            raise ConfigError(f"model.feature_blocks must be in [1, depth={self.depth}], "
+                              f"not {feature_blocks}")
+        self.feature_blocks = feature_blocks
         self.patch_embed = nn.Conv3d(in_channels, self.dim, kernel_size=patch_size, stride=patch_size)
         self.pos = PositionCache(self.dim)
         self.transformer = Transformer(self.dim, self.depth, self.heads, mlp_ratio)
@@ -108,12 +114,13 @@ class ViT3D(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return self.dim
+        return self.dim * self.feature_blocks
 
     def export_config(self) -> dict:
         return {"arch": "vit3d", "kwargs": {
             "size": self.size, "patch_size": self.patch_size, "in_channels": self.in_channels,
-            "dim": self.dim, "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio}}
+            "dim": self.dim, "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio,
+            "feature_blocks": self.feature_blocks}}
 
     def grid(self, x: torch.Tensor) -> tuple[int, int, int]:
         spatial = tuple(x.shape[2:])
@@ -136,7 +143,16 @@ class ViT3D(nn.Module):
         return self.transformer(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x).mean(dim=1)
+        if self.feature_blocks == 1:
+            return self.forward_tokens(x).mean(dim=1)
+        tokens = self.embed(x)
+        pooled = []
+        first_read = self.depth - self.feature_blocks
+        for index, block in enumerate(self.transformer.blocks):
+            tokens = block(tokens)
+            if index >= first_read:  # the final norm on every block read, as the last block gets it
+                pooled.append(self.transformer.norm(tokens).mean(dim=1))
+        return torch.cat(pooled, dim=1)
 
 
 class ViTDecoder(nn.Module):
