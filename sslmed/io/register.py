@@ -182,23 +182,24 @@ def check_plausible(template_to_volume: np.ndarray, metric: float) -> None:
 def load_template(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(normalised float32 array, RAS affine) of the template, preprocessed as `sslmed pack --modality mr`
     does at native spacing; read once per process."""
-    from sslmed.io.preprocess import preprocess, to_float
+    from sslmed.io.format import to_float
+    from sslmed.io.preprocess import preprocess
     from sslmed.io.readers import read_volume
 
     try:
         stored, meta = preprocess(read_volume(path), modality="mr", dtype="float16")
     except VolumeError as exc:
         raise VolumeError(f"atlas template unusable: {exc}") from None
-    return to_float(stored, meta), np.asarray(meta["affine"], dtype=np.float64)
+    return to_float(stored, meta["scale"], meta["offset"]), np.asarray(meta["affine"], dtype=np.float64)
 
 
 def register_to_atlas(stored: np.ndarray, meta: dict, template: str | Path) -> dict:
     """The atlas entries of a sample's metadata, for a volume as `preprocess` stores it."""
-    from sslmed.io.preprocess import to_float
+    from sslmed.io.format import to_float
 
     fixed, fixed_affine = load_template(str(template))
-    registration = register_arrays(to_float(stored, meta), np.asarray(meta["affine"], dtype=np.float64),
-                                   fixed, fixed_affine)
+    moving = to_float(stored, meta["scale"], meta["offset"])
+    registration = register_arrays(moving, np.asarray(meta["affine"], dtype=np.float64), fixed, fixed_affine)
     return registration.meta(Path(template).name)
 
 
