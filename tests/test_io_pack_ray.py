@@ -113,7 +113,7 @@ def test_a_bad_volume_inside_a_task_is_reported_and_the_task_goes_on(tmp_path, r
     bad = inputs / "z-bad" / "text.nii"
     jobs = [(good[0], "first", {}), (bad, "bad", {}), (good[1], "second", {"status": "normal"})]
     options = {"spacing": None, "modality": "auto", "dtype": "int16", "foreground_crop": False,
-               "repair_nonfinite": False}
+               "repair_nonfinite": False, "atlas": None}
     layout = {"fmt": "wds", "codec": "zstd", "shard_size": 1e9, "chunk": 64}
     result = ray.get(pack_task.remote("task-test", str(tmp_path), jobs, options, layout))
     assert [status for status, _ in result["outcomes"]] == ["ok", "failed", "ok"]

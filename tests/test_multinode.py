@@ -25,7 +25,7 @@ PEER_TIMEOUT = 6  # train.peer_timeout for these runs: short, so that the tests 
 # the survivor's launcher exits within train.peer_timeout + 10 s of the loss (launch/README.md); the
 # rest is slack for a loaded 2-core CI machine
 EXIT_BOUND_S = PEER_TIMEOUT + 10 + 10
-STEPS = 8
+STEPS = 16  # enough that each launch is killed mid-run, however fast the steps go
 SCHEDULE = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=4",
             f"train.peer_timeout={PEER_TIMEOUT}"]
 MASTER = "10.77.0.1"
@@ -69,9 +69,15 @@ def torchrun_on(name: str, node: int, args: list[str], log: Path, **extra: str) 
                             env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_for_checkpoint(run: Path, step: int, procs: list[subprocess.Popen], logs: list[Path]) -> None:
+def newest_checkpoint(run: Path) -> int:
+    return max((int(p.parent.name.removeprefix("step_")) for p in run.glob("checkpoints/step_*/complete")),
+               default=0)
+
+
+def wait_for_checkpoint(run: Path, after: int, procs: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Until this launch has saved a checkpoint past `after`, the newest one when it started."""
     deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / f"step_{step}" / "complete").exists():
+    while newest_checkpoint(run) <= after:
         for proc, log in zip(procs, logs, strict=True):
             assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
@@ -135,7 +141,7 @@ def test_two_nodes_survive_losing_a_node_and_resume_bit_identically(nodes, packe
 
     # (1) kill -9 of a whole node
     procs = [torchrun_on(nodes, n, args, logs[0][n]) for n in (0, 1)]
-    wait_for_checkpoint(run, 2, procs, logs[0])
+    wait_for_checkpoint(run, 0, procs, logs[0])
     lost_at = time.monotonic()
     simnodes("kill", nodes, "1")
     killed = survivor_exit(procs[0], logs[0][0], lost_at)
@@ -143,8 +149,9 @@ def test_two_nodes_survive_losing_a_node_and_resume_bit_identically(nodes, packe
     procs[1].wait()
 
     # (2) resume; the rendezvous host vanishes: its link goes dead first, then its processes die
+    after = newest_checkpoint(run)
     procs = [torchrun_on(nodes, n, args, logs[1][n]) for n in (0, 1)]
-    wait_for_checkpoint(run, 4, procs, logs[1])
+    wait_for_checkpoint(run, after, procs, logs[1])
     lost_at = time.monotonic()
     simnodes("cut", nodes, "0")
     simnodes("kill", nodes, "0")
@@ -153,8 +160,9 @@ def test_two_nodes_survive_losing_a_node_and_resume_bit_identically(nodes, packe
     simnodes("heal", nodes, "0")
 
     # (3) resume under torchrun --max-restarts: a worker dies, the job recovers by itself
+    after = newest_checkpoint(run)
     procs = [torchrun_on(nodes, n, args, logs[2][n], MAX_RESTARTS="1") for n in (0, 1)]
-    wait_for_checkpoint(run, 6, procs, logs[2])
+    wait_for_checkpoint(run, after, procs, logs[2])
     os.kill(worker_pids(nodes, 1)[0], 9)
     for proc, log in zip(procs, logs[2], strict=True):
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
