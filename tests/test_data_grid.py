@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -16,74 +15,19 @@ from sslmed.data.grid import build_grid, grid_size
 from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import open_dataset
 from sslmed.errors import DataError
-from sslmed.io import register
 from sslmed.io.pack import pack
-from sslmed.io.register import Registration, to_sitk, world_bounds
-from sslmed.io.synthetic import phantom, write_phantoms
+from sslmed.io.synthetic import write_phantoms
 
 CROP = 8
-STEP = 16.0  # mm: a few dozen grid points in the 80 mm phantom head
-TEMPLATE_SHAPE = (40, 40, 40)
-
-
-def rotation_z(degrees: float) -> np.ndarray:
-    a = np.deg2rad(degrees)
-    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-
-
-def moved_world(degrees: float, scale: float, shift) -> np.ndarray:
-    """Template world → subject world: rotate about z, scale, shift (mm)."""
-    out = np.eye(4)
-    out[:3, :3] = scale * rotation_z(degrees)
-    out[:3, 3] = shift
-    return out
-
-
-# subject name → (template world → subject world, shape of its 2 mm grid); "narrow" sees half the head
-SUBJECTS = {"near": (moved_world(6, 1.05, (3, -2, 1)), (46, 46, 46)),
-            "far": (moved_world(-8, 0.95, (-4, 3, 2)), (46, 46, 45)),  # shapes tell the subjects apart
-            "narrow": (moved_world(3, 1.0, (0, 0, 0)), (12, 46, 46))}
+STEP = 16.0  # mm: a few dozen grid points in the 80 mm phantom head (tests/atlas_inputs.py)
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory) -> dict:
-    """A phantom head as the template, three subjects resampled from it through known maps, packed with
-    `--atlas` whose registration is the known map itself (registration is tested in test_io_register)."""
-    import SimpleITK as sitk
-
-    folder = tmp_path_factory.mktemp("grid")
-    head = phantom(TEMPLATE_SHAPE, np.random.default_rng(5), "mr")
-    # plus a ramp along the three axes: every place in the head has an intensity level of its own
-    ramp = np.stack(np.meshgrid(*[np.linspace(0, 1, n) for n in TEMPLATE_SHAPE], indexing="ij")).sum(0)
-    head = (head + 400.0 * ramp * (head > 100)).astype(np.float32)
-    template_affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    template_affine[:3, 3] = -2.0 * (np.array(TEMPLATE_SHAPE) - 1) / 2  # centred on the world origin
-    template = folder / "template.nii.gz"
-    nib.save(nib.Nifti1Image(head, template_affine), str(template))
-    known = {head.shape: np.eye(4)}  # stored shape → template world → subject world
-    paths = [template]
-    for name, (transform, shape) in SUBJECTS.items():
-        affine = np.diag([2.0, 2.0, 2.0, 1.0])
-        affine[:3, 3] = -2.0 * (np.array(shape) - 1) / 2
-        inverse = np.linalg.inv(transform)
-        pull = sitk.AffineTransform(inverse[:3, :3].ravel().tolist(), inverse[:3, 3].tolist())
-        grid = to_sitk(np.zeros(shape, np.float32), affine)
-        moved = sitk.Resample(to_sitk(head, template_affine), grid, pull, sitk.sitkLinear, 0.0)
-        path = folder / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(sitk.GetArrayFromImage(moved).transpose(2, 1, 0), affine), str(path))
-        known[shape] = transform
-        paths.append(path)
-
-    def known_registration(moving, moving_affine, fixed, fixed_affine):
-        to_template = np.linalg.inv(known[moving.shape]) @ np.asarray(moving_affine)
-        return Registration(to_template, -0.6, world_bounds(fixed.shape, fixed_affine))
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(register, "register_arrays", known_registration)
-        pack(paths, folder / "zarr", fmt="zarr", modality="mr", atlas=template, chunk=16)
-    plain = write_phantoms(folder / "plain", 2, shape=(12, 12, 12), seed=3)
-    pack(plain, folder / "plain-wds", fmt="wds")
-    return {"zarr": folder / "zarr", "template": template, "known": known, "plain": folder / "plain-wds"}
+def plain(tmp_path_factory) -> Path:
+    """Phantoms packed without an atlas."""
+    folder = tmp_path_factory.mktemp("plain")
+    pack(write_phantoms(folder / "in", 2, shape=(12, 12, 12), seed=3), folder / "wds", fmt="wds")
+    return folder / "wds"
 
 
 def config(path: Path, **data) -> Config:
@@ -195,8 +139,8 @@ def test_the_grid_stream_resumes_at_exactly_the_same_batch(registered, workers, 
         assert resumed.epoch == 1 and state["marks"]["0"][2] == 2, "the bookmark is the second round"
 
 
-def test_a_dataset_packed_without_an_atlas_is_refused_in_one_line(registered):
-    cfg = config(registered["plain"])
+def test_a_dataset_packed_without_an_atlas_is_refused_in_one_line(plain):
+    cfg = config(plain)
     for attempt in (lambda: build_loader(cfg, 0, 1), lambda: grid_size(cfg)):
         with pytest.raises(DataError) as error:
             attempt()

@@ -110,9 +110,9 @@ def test_conditional_cnn_depends_on_location_and_defaults_to_centre() -> None:
     torch.manual_seed(4)
     net = CondCNN3D(dim=4, depth=1, experts=3).eval()
     x = torch.randn(2, 1, 16, 16, 16)
-    centre = torch.full((2, 3), 0.5)
+    centre = torch.zeros(2, 3)  # locations are in [-1, 1]: the centre is 0
     assert torch.equal(net(x), net(x, centre))
-    corner = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    corner = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
     assert not torch.allclose(net(x, corner), net(x, centre))
     # per-sample kernels: sample 0's features do not depend on sample 1's location
     other = corner.clone()

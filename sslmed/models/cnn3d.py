@@ -192,10 +192,13 @@ class CondStage(nn.Module):
 
 
 class CondCNN3D(nn.Module):
-    """Residual CNN whose convolutions depend on the crop's normalised location (DrasCLR's encoder).
+    """Residual CNN whose convolutions depend on the crop's location (DrasCLR's encoder).
 
-    `forward(x, location=None)`: location (B, 3) in [0, 1], the volume centre when omitted.
+    `forward(x, location=None)`: location (B, 3) in [−1, 1] (docs/architecture.md), the centre (0) when
+    omitted in training code; `sslmed.load_encoder` refuses a missing one.
     """
+
+    location_conditioned = True  # downstream code must pass each crop's location (sslmed/models/location.py)
 
     def __init__(self, size: str = "tiny", in_channels: int = 1, dim: int = 0, depth: int = 0,
                  experts: int = 4) -> None:
@@ -225,8 +228,8 @@ class CondCNN3D(nn.Module):
     def forward_features(self, x: torch.Tensor, location: torch.Tensor | None = None) -> list[torch.Tensor]:
         _check_input(x)
         if location is None:
-            location = x.new_full((x.shape[0], 3), 0.5)
-        cond = (location.to(x.dtype) - 0.5) * 2.0  # centred in [-1, 1]
+            location = x.new_zeros((x.shape[0], 3))
+        cond = location.to(x.dtype)
         x = self.stem(x)
         features = []
         for stage in self.stages:
