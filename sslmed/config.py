@@ -51,6 +51,14 @@ class DataConfig:
     label_key: str = "label"  # the tag that holds a sample's class label
     roi_centres: str = ""  # CSV key,x,y,z: crop around these voxel centres only (sslmed/data/roi.py)
     roi_jitter: float = 0.0  # standard deviation, in voxels, of the Gaussian jitter of a ROI centre
+    # random: crops anywhere in each volume; atlas_grid: crops at grid points of the atlas template, mapped
+    # into each subject through its registration (needs data packed with `sslmed pack --atlas`), each batch
+    # holding one grid point across subjects (sslmed/data/grid.py)
+    sampling: Literal["random", "atlas_grid"] = "random"
+    grid_step: float = 26.0  # atlas_grid: millimetres between grid points on the template
+    grid_template: str = ""  # atlas_grid: the template volume; "": the one the data was packed with
+    grid_mask: str = ""  # atlas_grid: a mask on the template's voxel grid (nonzero kept); "": a threshold
+    grid_threshold: float = 0.1  # atlas_grid without grid_mask: keep template voxels above this intensity
 
 
 @dataclass
@@ -175,6 +183,7 @@ class Config:
             (self.data.crop_size > 0, "data.crop_size must be positive"),
             (self.data.views in (1, 2), "data.views must be 1 or 2"),
             (self.data.roi_jitter >= 0, "data.roi_jitter must be >= 0"),
+            (self.data.grid_step > 0, "data.grid_step must be positive (millimetres between grid points)"),
             (self.train.steps > 0, "train.steps must be positive"),
             (self.train.micro_batch > 0, "train.micro_batch must be positive"),
             (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),

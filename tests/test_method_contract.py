@@ -101,6 +101,26 @@ class Position:
         self.state = state
 
 
+class GridToy(Denoise):
+    name = "gridtoy"
+    needs = Needs(backbone="vit3d", grid=True)
+
+
+def test_a_method_that_needs_the_atlas_grid_refuses_random_sampling_in_one_line(monkeypatch):
+    monkeypatch.setitem(METHODS, "gridtoy", GridToy)
+    monkeypatch.setitem(METHODS, "denoise", Denoise)
+    with pytest.raises(ConfigError) as error:
+        build_method(load_config("_tiny", [*TINY, "method.name=gridtoy"]))
+    assert str(error.value) == ("method 'gridtoy' contrasts subjects at one atlas grid point per batch: "
+                                "set data.sampling: atlas_grid (got 'random')")
+    assert "data.sampling=atlas_grid" in GridToy.needs.overrides()
+    built = build_method(load_config("_tiny", [*TINY, "method.name=gridtoy", "data.sampling=atlas_grid"]))
+    assert isinstance(built, GridToy)
+    # a method without the need takes either sampling
+    assert isinstance(build_method(load_config("_tiny", [*TINY, "method.name=denoise",
+                                                         "data.sampling=atlas_grid"])), Denoise)
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_bf16_teacher_is_the_fp32_ema_of_the_online_weights_and_is_saved_in_fp32(tmp_path, stage):
     info = eng.init_distributed()

@@ -36,12 +36,15 @@ class Needs:
     backbone: str = ""  # the model.arch it is built for; "": any backbone in BACKBONES
     location: bool = False  # reads `location` (every batch carries it)
     min_batch: int = 1  # train.micro_batch at least this (negatives, batch-normalised heads)
+    grid: bool = False  # batches of one atlas grid point across subjects (data.sampling: atlas_grid)
 
     def overrides(self) -> list[str]:
         """Dotted overrides that satisfy these needs (benchmarks and tests build configs from them)."""
         out = [f"data.views={self.views}", f"data.neighbour={str(self.neighbours).lower()}"]
         if self.backbone:
             out.append(f"model.arch={self.backbone}")
+        if self.grid:
+            out.append("data.sampling=atlas_grid")
         return out
 
 
@@ -94,6 +97,10 @@ def check_needs(method: type[Method], cfg: Config) -> None:
     reads = "contrasts crops with their neighbours" if needs.neighbours else "reads no neighbour crops"
     require(cfg.data.neighbour == needs.neighbours,
             f"method '{name}' {reads}: set data.neighbour: {str(needs.neighbours).lower()}")
+    if needs.grid:
+        require(cfg.data.sampling == "atlas_grid",
+                f"method '{name}' contrasts subjects at one atlas grid point per batch: set data.sampling: "
+                f"atlas_grid (got '{cfg.data.sampling}')")
     require(cfg.train.micro_batch >= needs.min_batch,
             f"method '{name}' needs train.micro_batch >= {needs.min_batch} (negatives and batch-normalised "
             "heads)")
