@@ -58,49 +58,67 @@ def pack(inputs: Iterable[str | Path], out: str | Path, *, fmt: str = "wds",
 
         check_ray_options(ray, workers, ray_cpus_per_task, ray_memory_per_task)
     out = Path(out) if part is None else part_dir(out, part)
+    settings = _settings(spacing, modality, dtype, foreground_crop, atlas)
+    options = {"spacing": spacing, "modality": modality, "dtype": dtype, "foreground_crop": foreground_crop,
+               "repair_nonfinite": repair_nonfinite, "atlas": settings.get("atlas")}
+    layout = {"fmt": fmt, "codec": codec, "shard_size": shard_size, "chunk": chunk}
+    ray_options = {"address": ray, "cpus_per_task": ray_cpus_per_task, "memory_per_task": ray_memory_per_task}
     # One writer per directory (each part has its own): a second pack into it is refused, naming the first.
     with DirectoryLock(out, "sslmed pack"):
-        settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
-                    "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
-                    "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
-        if atlas:
-            settings["atlas"] = str(Path(atlas).resolve())
         ledger = Ledger(out, _start_manifest(out, fmt, codec, settings))
-        refused: list[tuple[Path, str]] = []
-        paths = find_inputs(inputs, refused)
-        for path, reason in refused:  # symlink loops and cycles: reported, never followed
-            ledger.record(path, "skipped", reason, "")
-            print(f"sslmed pack: skipping {path}: {reason}", file=sys.stderr)
-        if not paths:
-            raise VolumeError(f"no input volumes found in {', '.join(str(p) for p in inputs)}")
+        paths, refused = _inputs(inputs, ledger)
         selected = start_part(ledger.manifest, out, paths, part) if part is not None else range(len(paths))
         jobs = _plan(paths, ledger, read_tags(tags) if tags else None, tags, selected)
-        options = {"spacing": spacing, "modality": modality, "dtype": dtype,
-                   "foreground_crop": foreground_crop, "repair_nonfinite": repair_nonfinite,
-                   "atlas": settings.get("atlas")}
-        layout = {"fmt": fmt, "codec": codec, "shard_size": shard_size, "chunk": chunk}
+        total = len(selected) + refused
         if ray:
             from sslmed.io.pack_ray import pack_on_ray
 
-            stopped = pack_on_ray(jobs, ledger, options, layout, address=ray, cpus_per_task=ray_cpus_per_task,
-                                  memory_per_task=ray_memory_per_task, on_error=on_error,
-                                  total=len(selected) + len(refused))
+            stopped = pack_on_ray(jobs, ledger, options, layout, on_error=on_error, total=total,
+                                  **ray_options)
         else:
             writer = open_writer(out, layout, ledger.entries, ledger.commit)
             stopped = _write_all(jobs, _outcomes([job[0] for job in jobs], options, workers), writer, ledger,
-                                 on_error, total=len(selected) + len(refused))
+                                 on_error, total=total)
             writer.finish()
         if part is not None:
             finish_part(ledger.manifest, complete=stopped is None)
         ledger.commit()
         if stopped is not None:
             raise stopped
-        manifest, counts = ledger.manifest, ledger.counts
-        summary = {**counts, "samples": manifest["samples"], "voxels": manifest["voxels"],
-                   "bytes": manifest["bytes"], "out": str(out), "format": fmt}
-        print(f"sslmed pack: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
-              f"{summary['samples']} samples, {_human(summary['bytes'])} in {out}")
-        return summary
+        return _summary(ledger, out, fmt)
+
+
+def _settings(spacing: tuple[float, float, float] | None, modality: str, dtype: str, foreground_crop: bool,
+              atlas: str | Path | None) -> dict:
+    """The preprocessing settings a manifest records (a resumed pack must match them)."""
+    settings = {"orientation": "RAS", "spacing": [float(s) for s in spacing] if spacing else None,
+                "modality": modality, "dtype": dtype, "ct_window": list(CT_WINDOW),
+                "mr_percentiles": list(MR_PERCENTILES), "foreground_crop": bool(foreground_crop)}
+    if atlas:
+        settings["atlas"] = str(Path(atlas).resolve())
+    return settings
+
+
+def _inputs(inputs: Iterable[str | Path], ledger: Ledger) -> tuple[list[Path], int]:
+    """The input volumes, and how many paths were refused (symlink loops and cycles: reported, never
+    followed)."""
+    refused: list[tuple[Path, str]] = []
+    paths = find_inputs(inputs, refused)
+    for path, reason in refused:
+        ledger.record(path, "skipped", reason, "")
+        print(f"sslmed pack: skipping {path}: {reason}", file=sys.stderr)
+    if not paths:
+        raise VolumeError(f"no input volumes found in {', '.join(str(p) for p in inputs)}")
+    return paths, len(refused)
+
+
+def _summary(ledger: Ledger, out: Path, fmt: str) -> dict:
+    manifest, counts = ledger.manifest, ledger.counts
+    summary = {**counts, "samples": manifest["samples"], "voxels": manifest["voxels"],
+               "bytes": manifest["bytes"], "out": str(out), "format": fmt}
+    print(f"sslmed pack: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+          f"{summary['samples']} samples, {_human(summary['bytes'])} in {out}")
+    return summary
 
 
 class Ledger:
