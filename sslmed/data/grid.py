@@ -193,7 +193,8 @@ def stream_grid_batches(dataset, cfg: Config, rank: int, world: int, worker: int
 
     grid = load_grid(cfg.data)
     size = cfg.train.micro_batch
-    epoch, epoch_first, first, before = mark if len(mark) == 4 else (0, 0, 0, 0)
+    # a GridMark, or (epoch, first volume) from Loader.start_at_epoch: that epoch from its start
+    epoch, epoch_first, first, before = mark if len(mark) == 4 else (mark[0], mark[1], mark[1], 0)
     if before > done:  # a bookmark from further on than asked for: start from the beginning
         epoch, epoch_first, first, before = 0, 0, 0, 0
     skips, marks = SkipCounter(strict=cfg.data.strict), []
@@ -219,6 +220,7 @@ def stream_grid_batches(dataset, cfg: Config, rank: int, world: int, worker: int
             else:
                 next_first, next_before = round_first, made - position - 1
             bookmark = max((m for m in marks if m[1] <= next_first), default=(0, 0))
+            marks[:] = [m for m in marks if m >= bookmark]  # later positions never need older bookmarks
             info = {"worker": worker, "epoch": max(c["epoch"] for c in crops),
                     "mark": (*bookmark, next_first, next_before), "skipped": skips.as_dict()}
             batch = collate(crops)
