@@ -29,7 +29,7 @@ import numpy as np
 
 from sslmed.config import Config, DataConfig
 from sslmed.data.augment import ranges_for
-from sslmed.data.sources import SkipCounter, StoredVolume
+from sslmed.data.sources import PackedDataset, SkipCounter, StoredVolume
 from sslmed.data.stages import augmentation, collate, cut_view
 from sslmed.errors import DataError
 from sslmed.io.manifest import load_manifest
@@ -185,7 +185,7 @@ class Subject:
     centres: np.ndarray  # (P, 3)
 
 
-def stream_grid_batches(dataset, cfg: Config, rank: int, world: int, worker: int, workers: int,
+def stream_grid_batches(dataset: PackedDataset, cfg: Config, rank: int, world: int, worker: int, workers: int,
                         done: int, mark: tuple[int, ...]) -> Iterator[tuple[dict, dict]]:
     """(batch, info) pairs of one grid stream, starting after its first `done` batches; `mark` is the
     GridMark the stream reported with its last batch (absent: from the start)."""
@@ -214,11 +214,7 @@ def stream_grid_batches(dataset, cfg: Config, rank: int, world: int, worker: int
             if made <= done:
                 continue
             crops = cutter.crops(round_first // size, point, subjects)
-            last = position == len(order) - 1
-            if last:
-                next_first, next_before = round_first + size, made
-            else:
-                next_first, next_before = round_first, made - position - 1
+            next_first, next_before = following(round_first, size, made, position, len(order))
             bookmark = max((m for m in marks if m[1] <= next_first), default=(0, 0))
             marks[:] = [m for m in marks if m >= bookmark]  # later positions never need older bookmarks
             info = {"worker": worker, "epoch": max(c["epoch"] for c in crops),
@@ -226,6 +222,14 @@ def stream_grid_batches(dataset, cfg: Config, rank: int, world: int, worker: int
             batch = collate(crops)
             batch["grid_point"] = [int(point)] * len(crops)
             yield batch, info
+
+
+def following(round_first: int, size: int, made: int, position: int, batches: int) -> tuple[int, int]:
+    """Where the batch after the `made`-th (at `position` of its round's `batches`) lies: its round's first
+    volume and the batches made before that round."""
+    if position == batches - 1:
+        return round_first + size, made
+    return round_first, made - position - 1
 
 
 class GridCropper:
