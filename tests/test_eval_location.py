@@ -20,8 +20,7 @@ from sslmed.errors import DataError
 from sslmed.eval import probe
 from sslmed.eval.encoders import build_encoder
 from sslmed.eval.pooling import pooled_features
-from sslmed.models import ViT3D
-from sslmed.models.cnn3d import CondCNN3D
+from sslmed.models import CondCNN3D, ViT3D
 from sslmed.train import checkpoint as ckpt
 
 SIZE = 16
