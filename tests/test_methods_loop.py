@@ -43,7 +43,9 @@ def test_method_trains_through_the_loop_and_exports(name, tagged_volumes, tmp_pa
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
     encoder = sslmed.load_encoder(run / "encoder.safetensors")
-    crop = json.loads((run / "encoder.json").read_text())["crop_size"]
+    info = json.loads((run / "encoder.json").read_text())
+    crop = info["crop_size"]
+    location = torch.zeros(2, 3) if info["needs_location"] else None  # a located encoder refuses none
     with torch.no_grad():
-        features = encoder(torch.rand(2, 1, crop, crop, crop))
+        features = encoder(torch.rand(2, 1, crop, crop, crop), location)
     assert features.ndim == 2 and features.shape[0] == 2 and torch.isfinite(features).all()
