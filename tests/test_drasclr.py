@@ -122,6 +122,11 @@ def test_queue_per_location_enqueues_in_order_wraps_around_and_leaves_other_loca
     assert queues.pointer.tolist() == [0, 2, 0]
     assert torch.equal(queues.keys[0], start[0]) and torch.equal(queues.keys[2], start[2])
     assert torch.allclose(start.norm(dim=2), torch.ones(3, 5))  # MoCo's random unit keys to begin with
+    # a batch padded to 4 rows with 2 real keys: only those 2 are written, the pointer moves by 2
+    held = queues.keys.clone()
+    queues.enqueue(torch.cat([first[:2], torch.zeros(2, 2)]), torch.tensor([2]), torch.tensor([2]))
+    assert torch.equal(queues.keys[2, :2], first[:2]) and torch.equal(queues.keys[2, 2:], held[2, 2:])
+    assert queues.pointer.tolist() == [0, 2, 2] and torch.equal(queues.keys[:2], held[:2])
 
 
 def reference_losses(method: DrasCLR, batch: dict, negatives: torch.Tensor) -> tuple[float, float]:
@@ -175,6 +180,9 @@ def test_infonce_terms_match_a_float64_reference_with_that_locations_queue_as_ne
     loss.backward()
     assert all(p.grad is not None for p in method.backbone.parameters())
     assert all(p.grad is None for p in method.key_encoder.module.parameters())
+    # a grid batch without some subjects (the point lies outside their volumes) enqueues what it has
+    method(grid_batch(point=0, seed=5, batch=BATCH - 1))
+    assert method.queues.pointer.tolist() == [BATCH - 1, 0, BATCH]
 
 
 def test_a_step_waits_for_nothing_on_the_host(monkeypatch) -> None:
@@ -269,18 +277,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# each rank's grid point per scenario: both ranks at one point, and at two different points
-SCENARIOS = [[1, 1], [2, 0]]
+# per scenario, each rank's grid point and number of crops (a grid batch misses subjects that lack the point)
+SCENARIOS = [([1, 1], [BATCH, BATCH]), ([2, 0], [BATCH, BATCH - 1]), ([0, 0], [BATCH - 2, BATCH])]
 
 
 def _enqueue_worker(rank: int, world: int, port: int, keys: torch.Tensor, out: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        for i, points in enumerate(SCENARIOS):
+        for i, (points, counts) in enumerate(SCENARIOS):
             torch.manual_seed(0)
             method = build_method(drasclr_config())
-            method.enqueue(keys[rank * BATCH:(rank + 1) * BATCH], points[rank])
+            method.enqueue(keys[rank * BATCH:rank * BATCH + counts[rank]], points[rank])
             out[rank, i] = (method.queues.keys.clone(), method.queues.pointer.clone())
     finally:
         dist.destroy_process_group()
@@ -296,14 +304,14 @@ def test_every_ranks_keys_reach_every_ranks_queue_of_their_grid_point() -> None:
         mp.start_processes(_enqueue_worker, args=(world, free_port(), keys, out), nprocs=world, join=True,
                            start_method="spawn")
         results = dict(out)
-    for i, points in enumerate(SCENARIOS):
+    for i, (points, counts) in enumerate(SCENARIOS):
         torch.manual_seed(0)
         expected = build_method(drasclr_config()).queues  # the same initial queues; rank 0's keys first
         for rank in range(world):
-            expected.enqueue(keys[rank * BATCH:(rank + 1) * BATCH], torch.tensor([points[rank]]))
+            expected.enqueue(keys[rank * BATCH:rank * BATCH + counts[rank]], torch.tensor([points[rank]]))
         for rank in range(world):
             queue, pointer = results[rank, i]
-            assert torch.equal(queue, expected.keys) and torch.equal(pointer, expected.pointer)
+            assert torch.equal(queue, expected.keys) and torch.equal(pointer, expected.pointer), (i, rank)
 
 
 if __name__ == "__main__":

@@ -77,14 +77,20 @@ class KeyQueues:
         return self.keys[location].clone()
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, location: torch.Tensor) -> None:
-        """Write `keys` (n, D) into the ring of `location` (a (1,) device tensor, so that indexing waits
-        for nothing on the host) from its pointer on, wrapping around, oldest keys first overwritten;
-        advance the pointer."""
+    def enqueue(self, keys: torch.Tensor, location: torch.Tensor, count: torch.Tensor | None = None
+                ) -> None:
+        """Write the first `count` rows of `keys` (n, D) (all when None) into the ring of `location` from
+        its pointer on, wrapping around, the oldest keys overwritten first; advance the pointer by `count`.
+        `location` and `count` are (1,) device tensors, so that nothing waits for the host: the rows past
+        `count` (padding) rewrite the slots after the new keys with what they hold (n <= size)."""
         n = keys.shape[0]
-        slots = (self.pointer[location] + torch.arange(n, device=keys.device)) % self.size
-        self.keys[location, slots] = keys.to(self.keys.dtype)
-        self.pointer[location] = (self.pointer[location] + n) % self.size
+        rows = torch.arange(n, device=keys.device)
+        slots = (self.pointer[location] + rows) % self.size
+        new = keys.to(self.keys.dtype)
+        if count is not None:
+            new = torch.where((rows < count).unsqueeze(1), new, self.keys[location, slots])
+        self.keys[location, slots] = new
+        self.pointer[location] = (self.pointer[location] + (n if count is None else count)) % self.size
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"queue.keys": self.keys, "queue.pointer": self.pointer}
@@ -149,12 +155,18 @@ class DrasCLR(Method):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, point: int) -> None:
-        """Every rank's keys into the queues of the grid points they came from, in rank order."""
-        points = gather_with_grad(torch.full((1,), point, dtype=torch.long, device=keys.device))
-        gathered = gather_with_grad(keys.contiguous())
-        per_rank = len(keys)
-        for rank in range(len(points)):
-            self.queues.enqueue(gathered[rank * per_rank:(rank + 1) * per_rank], points[rank:rank + 1])
+        """Every rank's keys into the queues of the grid points they came from, in rank order. A grid
+        batch may be smaller than `train.micro_batch` (subjects without that point): each rank sends its
+        keys padded to micro_batch rows with its count, so that the all-gather has one shape everywhere."""
+        rows, dim = self.cfg.train.micro_batch, keys.shape[1]
+        if len(keys) > rows:
+            raise ValueError(f"a batch of {len(keys)} crops is larger than train.micro_batch {rows}")
+        padded = torch.cat([keys, keys.new_zeros(rows - len(keys), dim)])
+        sent = torch.full((1, 2), len(keys), dtype=torch.long, device=keys.device)  # a fill: no copy
+        sent[:, 0] = point
+        gathered, meta = gather_with_grad(padded), gather_with_grad(sent)
+        for rank in range(len(meta)):
+            self.queues.enqueue(gathered[rank * rows:(rank + 1) * rows], meta[rank, :1], meta[rank, 1:])
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         self.key_encoder.update(self.online(), self.settings.key_momentum)
