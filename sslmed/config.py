@@ -148,6 +148,12 @@ class EvalConfig:
     cv_folds: int = 0  # k ≥ 2: stratified k-fold CV on the training split, each fold scored on the test split
     fusion_shared: bool = False  # fusion: one encoder (shared weights) for all branches
     fusion_attention: bool = True  # fusion: cross-branch attention between the branches' token features
+    # labels.csv columns holding each sample's location in [-1, 1] (x, y, z), for location-conditioned
+    # encoders (packed labelled data carries its crops' locations itself)
+    location_columns: list[str] = field(default_factory=lambda: ["location_x", "location_y", "location_z"])
+    # none: one centre crop per sample; mean / concat: one vector per subject from its crops at every atlas
+    # grid point (data.grid_*), each encoded at its own location: their mean, or concatenated in grid order
+    pool: Literal["none", "mean", "concat"] = "none"
 
 
 @dataclass
@@ -202,6 +208,9 @@ class Config:
             (all(0 < f <= 1 for f in self.eval.label_fractions), "eval.label_fractions must be in (0, 1]"),
             (0 < self.eval.test_fraction < 1, "eval.test_fraction must be in (0, 1)"),
             (self.eval.cv_folds == 0 or self.eval.cv_folds >= 2, "eval.cv_folds must be 0 (off) or >= 2"),
+            (len(self.eval.location_columns) == 3, "eval.location_columns must name 3 columns (x, y, z)"),
+            (self.eval.pool == "none" or self.eval.mode in ("linear", "knn", "cluster"),
+             f"eval.pool: {self.eval.pool} pools frozen features: use eval.mode linear, knn or cluster"),
         ]
         if self.model.arch == "vit3d":
             checks.append(

@@ -12,6 +12,8 @@
    * same template: train and test crops from the template, split by ROI;
    * cross-subject: the probe trains on the template's crops and is tested on the second subject's
      crops at the same anatomical places (ROI centres mapped through the registration);
+   every crop carries its atlas location (template millimetres scaled to [−1, 1]), which a
+   location-conditioned encoder is given;
 5. linear probes (sslmed.eval) at several label fractions and seeds: pretrained encoder vs the same
    architecture at random init vs an intensity-only baseline (mean of the central 3³ voxels).
 """
@@ -46,6 +48,7 @@ class RoiSet:
     labels: np.ndarray  # (N,) class index into ROI_CLASSES
     groups: np.ndarray  # (N,) ROI index: crops of one ROI never straddle train/test
     centres: np.ndarray  # (N, 3) voxel index of each crop's centre in its volume
+    locations: np.ndarray  # (N, 3) float32: each crop's atlas location in [-1, 1]
 
 
 def nilearn_data_dir() -> Path:
@@ -75,22 +78,40 @@ def template_to_voxel(meta: dict) -> np.ndarray:
     return np.linalg.inv(np.asarray(to_template, dtype=np.float64))
 
 
+def atlas_meta(meta: dict) -> dict:
+    """`meta` with its atlas registration; a volume packed without one is the template itself: its own
+    affine, and the template's extent as the bounds locations are scaled by."""
+    if "atlas_affine" in meta:
+        return meta
+    from sslmed.io.register import world_bounds
+
+    return {**meta, "atlas_affine": meta["affine"],
+            "atlas_bounds": world_bounds(meta["shape"], np.asarray(meta["affine"])).tolist()}
+
+
 def roi_crops(dataset, key: str, size: int, per_roi: int, jitter_mm: float, seed: int) -> RoiSet:
     """Crops of `size`³ voxels of the packed volume `key` around jittered ROI centres (template mm,
-    mapped into the volume). The jitter depends on `seed` only, so two volumes get the same places."""
+    mapped into the volume), with their atlas locations. The jitter depends on `seed` only, so two
+    volumes get the same places."""
+    from sslmed.data.stages import location
+
     coords, classes = seitzman_rois()
-    to_voxel = template_to_voxel(dataset.meta(key))
+    meta = atlas_meta(dataset.meta(key))
+    to_voxel = template_to_voxel(meta)
     rng = np.random.default_rng(seed)
-    crops, labels, groups, centres = [], [], [], []
+    crops, labels, groups, centres, locations = [], [], [], [], []
     for roi, (centre_mm, label) in enumerate(zip(coords, classes, strict=True)):
         for _ in range(per_roi):
             jittered = centre_mm + rng.uniform(-jitter_mm, jitter_mm, size=3)
             centre = np.round((to_voxel @ np.append(jittered, 1.0))[:3]).astype(int)
-            crops.append(dataset.read_crop(key, centre - size // 2, (size, size, size)))
+            start = centre - size // 2
+            crops.append(dataset.read_crop(key, start, (size, size, size)))
             labels.append(label)
             groups.append(roi)
             centres.append(centre)
-    return RoiSet(np.stack(crops).astype(np.float32), np.array(labels), np.array(groups), np.array(centres))
+            locations.append(location(start, meta["shape"], size, meta))
+    return RoiSet(np.stack(crops).astype(np.float32), np.array(labels), np.array(groups), np.array(centres),
+                  np.stack(locations).astype(np.float32))
 
 
 def central_intensity(crops: np.ndarray) -> np.ndarray:
@@ -162,19 +183,22 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, config: str = "d
 
 
 def write_labelled_folder(rois: RoiSet, folder: Path, per_roi: int) -> None:
-    """The first `per_roi` crops of every ROI as .npy files + labels.csv (path, label, group=ROI): the
-    labelled set `sslmed sweep sweep-demo` evaluates on, so a sweep runs on the same real volumes."""
+    """The first `per_roi` crops of every ROI as .npy files + labels.csv (path, label, group=ROI, atlas
+    location x, y, z): the labelled set `sslmed sweep sweep-demo` evaluates on, so a sweep runs on the
+    same real volumes."""
     from sslmed.eval.reports import write_text_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
-    lines, seen = ["path,label,group"], np.zeros(rois.groups.max() + 1, dtype=int)
+    lines = ["path,label,group,location_x,location_y,location_z"]
+    seen = np.zeros(rois.groups.max() + 1, dtype=int)
     for index, (crop, label, roi) in enumerate(zip(rois.crops, rois.labels, rois.groups, strict=True)):
         if seen[roi] == per_roi:
             continue
         seen[roi] += 1
         name = f"roi{roi:03d}-{index}.npy"
         np.save(folder / name, crop.astype(np.float16))
-        lines.append(f"{name},{ROI_CLASSES[label]},roi{roi:03d}")
+        where = ",".join(f"{v:.6f}" for v in rois.locations[index])
+        lines.append(f"{name},{ROI_CLASSES[label]},roi{roi:03d},{where}")
     write_text_atomic(folder / "labels.csv", "\n".join(lines) + "\n")  # last: its presence means complete
 
 
@@ -199,10 +223,12 @@ def demo_encoders(cfg, encoder_path: Path) -> dict:
             "random-init": build_encoder(random_init, seed=cfg.train.seed)}
 
 
-def features_of(cfg, encoders: dict, crops: np.ndarray) -> dict[str, np.ndarray]:
+def features_of(cfg, encoders: dict, crops: np.ndarray, locations: np.ndarray) -> dict[str, np.ndarray]:
+    """Every encoder's features of the crops, each crop at its atlas location (used by
+    location-conditioned encoders, dropped by the others)."""
     from sslmed.eval.encoders import extract_features
 
-    found = {name: extract_features(encoder, crops[:, None], cfg.eval.batch_size)
+    found = {name: extract_features(encoder, crops[:, None], cfg.eval.batch_size, locations)
              for name, encoder in encoders.items()}
     return {**found, "intensity-only": central_intensity(crops)}
 
@@ -232,18 +258,20 @@ def same_template_task(cfg, encoders: dict, rois: RoiSet) -> dict:
     return {"n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
             "n_train_rois": len(np.unique(rois.groups[train_idx])),
             "n_test_rois": len(np.unique(rois.groups[test_idx])),
-            "encoders": probe(cfg, rois.crops, rois.labels, features_of(cfg, encoders, rois.crops),
-                              train_idx, test_idx)}
+            "encoders": probe(cfg, rois.crops, rois.labels,
+                              features_of(cfg, encoders, rois.crops, rois.locations), train_idx, test_idx)}
 
 
 def cross_subject_task(cfg, encoders: dict, template: RoiSet, subject: RoiSet) -> dict:
     """Train on every template crop, test on every crop of the second subject."""
     crops = np.concatenate([template.crops, subject.crops])
     labels = np.concatenate([template.labels, subject.labels])
+    locations = np.concatenate([template.locations, subject.locations])
     train_idx = np.arange(len(template.labels))
     test_idx = np.arange(len(template.labels), len(labels))
     return {"n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
-            "encoders": probe(cfg, crops, labels, features_of(cfg, encoders, crops), train_idx, test_idx)}
+            "encoders": probe(cfg, crops, labels, features_of(cfg, encoders, crops, locations), train_idx,
+                              test_idx)}
 
 
 def tables(tasks: dict) -> str:

@@ -23,3 +23,12 @@ def packed_wds(tmp_path_factory, phantom_files) -> Path:
     out = tmp_path_factory.mktemp("packed") / "wds"
     pack(phantom_files, out, fmt="wds", shard_size=16e3)
     return out
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory) -> dict:
+    """A phantom template and three subjects registered to it through known maps, packed with --atlas
+    (tests/atlas_inputs.py)."""
+    from atlas_inputs import pack_registered
+
+    return pack_registered(tmp_path_factory.mktemp("registered"))

@@ -61,9 +61,11 @@ def test_batch_layout_and_locations(packed, fmt):
         for i, key in enumerate(batch["key"]):
             shape = np.array(dataset.meta(key)["shape"])
             start, near = batch["start"][i].numpy(), batch["neighbour_start"][i].numpy()
-            np.testing.assert_allclose(batch["location"][i].numpy(), (start + CROP / 2) / shape, rtol=1e-6)
-            np.testing.assert_allclose(batch["neighbour_location"][i].numpy(), (near + CROP / 2) / shape,
-                                       rtol=1e-6)
+            # the crop centre scaled by the volume's extent to [-1, 1]
+            np.testing.assert_allclose(batch["location"][i].numpy(), 2 * (start + CROP / 2) / shape - 1,
+                                       rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(batch["neighbour_location"][i].numpy(),
+                                       2 * (near + CROP / 2) / shape - 1, rtol=1e-6, atol=1e-6)
             assert np.abs(near - start).max() <= 3
             # without augmentation each view is exactly the random-access crop at its start
             np.testing.assert_array_equal(batch["image"][i, 0].numpy(),

@@ -234,7 +234,7 @@ def test_shards_streamed_from_a_url_give_the_same_batches_and_resume(packed, fmt
     for a, b in zip(local, streamed, strict=True):
         assert a["key"] == b["key"]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["start"], b["start"])
-    assert first.skipped == resumed.skipped == {"shards": 0, "samples": 0}
+    assert first.skipped == resumed.skipped == {"shards": 0, "samples": 0, "grid_points": 0}
 
 
 def test_streamed_shards_that_fail_are_counted_and_skipped(damaged, packed, tmp_path):

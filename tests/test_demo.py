@@ -23,6 +23,7 @@ from sslmed.demo import (
     run_demo,
     seitzman_rois,
 )
+from sslmed.io.register import world_bounds
 from sslmed.train.loop import pretrain
 
 
@@ -61,7 +62,8 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     assert json.loads((out / "unlabeled" / "manifest.json").read_text())["samples"] == 3  # no subject in it
     check_subject_labels_come_from_mapped_roi_centres(out / "subject")
     labelled = (out / "rois" / "labels.csv").read_text().splitlines()  # the sweep-demo labelled set
-    assert labelled[0] == "path,label,group" and len(labelled) == 1 + 300 * SWEEP_CROPS_PER_ROI
+    assert labelled[0] == "path,label,group,location_x,location_y,location_z"
+    assert len(labelled) == 1 + 300 * SWEEP_CROPS_PER_ROI
     assert {line.split(",")[1] for line in labelled[1:]} == set(ROI_CLASSES)
     run = out / "pretrain"
     assert (run / "encoder.safetensors").is_file() and list((run / "tb").iterdir())
@@ -87,3 +89,18 @@ def check_subject_labels_come_from_mapped_roi_centres(subject):
     assert distance.max() <= np.sqrt(3) * (JITTER_MM + voxel_mm)
     assert np.array_equal(rois.labels, classes[rois.groups])
     assert np.array_equal(rois.groups, np.arange(300))
+    check_locations_are_scaled_roi_positions(rois, np.asarray(meta["atlas_bounds"]), voxel_mm)
+    # the template's own crops (packed without an atlas: it is the atlas) are located the same way
+    templates = open_dataset(subject.parent / "unlabeled")
+    t1 = next(k for k in templates.keys if "_t1_" in k)
+    bounds = world_bounds(templates.meta(t1)["shape"], np.asarray(templates.meta(t1)["affine"]))
+    check_locations_are_scaled_roi_positions(roi_crops(templates, t1, 16, 1, JITTER_MM, seed=3), bounds, 1.0)
+
+
+def check_locations_are_scaled_roi_positions(rois, bounds: np.ndarray, voxel_mm: float) -> None:
+    """Each crop's location is its ROI's template position scaled to [-1, 1] by the template's extent."""
+    coords, _ = seitzman_rois()
+    low, high = bounds
+    scaled = 2 * (coords[rois.groups] - low) / (high - low) - 1
+    tolerance = 2 * np.sqrt(3) * (JITTER_MM + voxel_mm) / (high - low).min()
+    assert np.abs(rois.locations - scaled).max() <= tolerance

@@ -112,8 +112,9 @@ def test_crop_locations_of_the_registered_volume_match_the_templates_at_the_same
                                np.linalg.inv(template_voxel) @ np.append(template_start, 1), atol=1.0)
 
 
-def test_without_an_atlas_locations_stay_fractions_of_the_volume():
-    assert location(np.array([0, 10, 20]), (40, 40, 40), 20).tolist() == [0.25, 0.5, 0.75]
+def test_without_an_atlas_locations_are_the_crop_centre_scaled_by_the_volume_to_minus_one_one():
+    assert location(np.array([0, 10, 20]), (40, 40, 40), 20).tolist() == [-0.5, 0.0, 0.5]
+    assert location(np.array([-10, 0, 0]), (10, 10, 10), 30).tolist() == [0.0, 1.0, 1.0]  # clipped
 
 
 def test_unusable_template_and_unrelated_volume_are_reported_not_raised(tmp_path, template_and_moved):

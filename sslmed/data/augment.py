@@ -26,7 +26,7 @@ from sslmed import rng
 from sslmed.config import Config
 from sslmed.errors import ConfigError
 
-VIEWS = ("image", "image2", "neighbour")
+VIEWS = ("image", "image2", "neighbour", "neighbour2")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sslmed.config import Config
 from sslmed.data import shards
+from sslmed.data.grid import load_grid, stream_grid_batches
 from sslmed.data.sources import PackedDataset, SkipCounter, open_dataset
 from sslmed.data.stages import Cropper, Streamed, batches, block_shuffle, collate, matches
 from sslmed.errors import ConfigError, DataError, SslmedError
@@ -27,7 +28,7 @@ from sslmed.errors import ConfigError, DataError, SslmedError
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
-Mark = tuple[int, int]  # (epoch, index of the stream's first volume in that epoch)
+Mark = tuple[int, ...]  # (epoch, index of the stream's first volume in that epoch); atlas_grid: GridMark
 
 
 def volume_stream(dataset: PackedDataset, cfg: Config, rank: int, world: int, worker: int, workers: int,
@@ -95,8 +96,9 @@ class CropStream(IterableDataset):
         keep_freed_memory_for_reuse()
         try:
             dataset = open_dataset(self.cfg.data.path, self.cfg.data.shard_url)
-            yield from stream_batches(dataset, self.cfg, self.rank, self.world, worker, self.workers,
-                                      done, self.marks.get(worker, (0, 0)))
+            stream = stream_grid_batches if self.cfg.data.sampling == "atlas_grid" else stream_batches
+            yield from stream(dataset, self.cfg, self.rank, self.world, worker, self.workers,
+                              done, self.marks.get(worker, (0, 0)))
         except SslmedError as exc:  # handed to the main process as data: a clean one-line error there
             yield None, {"error": str(exc)}
 
@@ -134,7 +136,8 @@ class Loader:
     @property
     def skipped(self) -> dict[str, int]:
         """Corrupt shards and samples skipped by this rank's streams (counted since this loader started)."""
-        return {kind: sum(s[kind] for s in self._skipped.values()) for kind in ("shards", "samples")}
+        kinds = ("shards", "samples", "grid_points")
+        return {kind: sum(s.get(kind, 0) for s in self._skipped.values()) for kind in kinds}
 
     def _dataloader(self) -> DataLoader:
         workers = self.cfg.data.workers
@@ -147,10 +150,14 @@ class Loader:
     def layout(self) -> dict:
         """What fixes the streams' order; a resumed run must match it to continue at the same sample."""
         data = self.cfg.data
-        return {"rank": self.rank, "world": self.world, "workers": max(1, data.workers),
-                "micro_batch": self.cfg.train.micro_batch, "crops_per_volume": data.crops_per_volume,
-                "shuffle_buffer": max(1, data.shuffle_buffer), "seed": self.cfg.train.seed,
-                "filter_tags": dict(data.filter_tags)}
+        layout = {"rank": self.rank, "world": self.world, "workers": max(1, data.workers),
+                  "micro_batch": self.cfg.train.micro_batch, "crops_per_volume": data.crops_per_volume,
+                  "shuffle_buffer": max(1, data.shuffle_buffer), "seed": self.cfg.train.seed,
+                  "filter_tags": dict(data.filter_tags)}
+        if data.sampling == "atlas_grid":  # only then: states saved before the grid existed still load
+            layout.update(sampling=data.sampling, grid_step=data.grid_step, grid_mask=data.grid_mask,
+                          grid_threshold=data.grid_threshold)
+        return layout
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "batches": self.batches, "epoch": self.epoch,
@@ -166,7 +173,7 @@ class Loader:
             raise DataError(f"cannot continue the data stream at the same sample: {detail}")
         self.close()
         self.batches, self.epoch = int(state["batches"]), int(state["epoch"])
-        self.marks = {int(w): (int(m[0]), int(m[1])) for w, m in state["marks"].items()}
+        self.marks = {int(w): tuple(int(v) for v in m) for w, m in state["marks"].items()}
 
     def start_at_epoch(self, epoch: int) -> None:
         """Every stream from the start of `epoch`: where a position within an epoch cannot carry over
@@ -195,6 +202,8 @@ def build_loader(cfg: Config, rank: int = 0, world: int = 1) -> Loader:
     if not data.path:
         raise ConfigError("data.path is empty: set it to a packed dataset directory (sslmed pack --out DIR)")
     open_dataset(data.path, data.shard_url)  # fail here, in the main process, on a missing or empty dataset
+    if data.sampling == "atlas_grid":
+        load_grid(data)  # and on a dataset packed without an atlas, a missing template, an empty grid
     return Loader(cfg, rank, world)
 
 

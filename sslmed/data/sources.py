@@ -110,6 +110,7 @@ class SkipCounter:
     strict: bool = False
     shards: int = 0
     samples: int = 0
+    grid_points: int = 0  # atlas-grid crops not cut: the grid point lies outside the subject's volume
 
     def shard(self, unit: str, reason: str) -> None:
         if self.strict:
@@ -135,8 +136,14 @@ class SkipCounter:
         log.warning("shard %s %s: %d sample(s) missing (%d sample(s) skipped so far)",
                     where, reason, listed - read, self.samples)
 
+    def outside(self, key: str, points: int) -> None:
+        """Grid points that fall outside a subject's volume (not corruption: counted, also when strict)."""
+        if points:
+            self.grid_points += points
+            log.info("%d atlas grid point(s) outside volume %s (%d so far)", points, key, self.grid_points)
+
     def as_dict(self) -> dict[str, int]:
-        return {"shards": self.shards, "samples": self.samples}
+        return {"shards": self.shards, "samples": self.samples, "grid_points": self.grid_points}
 
 
 class PackedDataset(Protocol):

@@ -78,12 +78,13 @@ def clip_start(start: np.ndarray, shape: Sequence[int], size: int) -> np.ndarray
 
 
 def location(start: np.ndarray, shape: Sequence[int], size: int, meta: dict | None = None) -> np.ndarray:
-    """Where a crop is: in a volume packed with an atlas, its centre in the template's coordinates scaled
-    to [−1, 1]; otherwise the crop centre divided by the volume shape (in [0, 1] for every start
-    `start_range` allows)."""
+    """Where a crop is, in [−1, 1] per axis: in a volume packed with an atlas, its centre in the
+    template's coordinates scaled by the template's extent; otherwise its centre scaled by the volume's
+    extent, 2 · centre / shape − 1 (clipped: a crop larger than the volume is centred in it)."""
     if meta is not None and "atlas_affine" in meta:
         return atlas_location(np.asarray(start) + (size - 1) / 2, meta)
-    return ((start + size / 2) / np.asarray(shape, dtype=np.float64)).clip(0, 1).astype(np.float32)
+    fraction = (start + size / 2) / np.asarray(shape, dtype=np.float64)
+    return (2.0 * fraction - 1.0).clip(-1, 1).astype(np.float32)
 
 
 def foreground_points(volume: StoredVolume, rng: np.random.Generator) -> np.ndarray:
@@ -171,14 +172,19 @@ class Cropper:
                 "seeds": [int(s) for s in rng.integers(0, 2**31 - 1, 3)]}
 
     def view(self, name: str, volume: StoredVolume, start: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-        """`{name: crop}` augmented here (float32), or `{name: stored crop, name_valid: its box inside the
-        volume}` for conversion and augmentation on the training device."""
-        size = (self.cfg.crop_size,) * 3
-        if self.augment is None:
-            stored, box = volume.read_stored_crop(start, size)
-            return {name: stored[None], f"{name}_valid": box}
-        self.augment.set_random_state(seed=seed)
-        return {name: np.asarray(self.augment(volume.read_crop(start, size)[None]), dtype=np.float32)}
+        return cut_view(name, volume, start, self.cfg.crop_size, self.augment, seed)
+
+
+def cut_view(name: str, volume: StoredVolume, start: np.ndarray, size: int, augment: Compose | None,
+             seed: int) -> dict[str, np.ndarray]:
+    """`{name: crop}` augmented here (float32), or, without `augment`, `{name: stored crop, name_valid:
+    its box inside the volume}` for conversion and augmentation on the training device."""
+    shape = (size,) * 3
+    if augment is None:
+        stored, box = volume.read_stored_crop(start, shape)
+        return {name: stored[None], f"{name}_valid": box}
+    augment.set_random_state(seed=seed)
+    return {name: np.asarray(augment(volume.read_crop(start, shape)[None]), dtype=np.float32)}
 
 
 def block_shuffle(crops: Iterable[dict], block_size: int, seed: int, stream: tuple[int, int],
@@ -216,11 +222,13 @@ def collate(batch: list[dict]) -> dict:
            "location": torch.from_numpy(np.stack([c["location"] for c in batch])),
            "key": [c["key"] for c in batch], "tags": [c["tags"] for c in batch],
            "start": torch.from_numpy(np.stack([c["start"] for c in batch]).astype(np.int64))}
-    for name in ("image2", "neighbour", "intensity", "image_valid", "image2_valid", "neighbour_valid"):
+    for name in ("image2", "neighbour", "neighbour2", "intensity", "image_valid", "image2_valid",
+                 "neighbour_valid", "neighbour2_valid"):
         if name in batch[0]:
             out[name] = torch.from_numpy(np.stack([c[name] for c in batch]))
-    if "neighbour" in batch[0]:
-        out["neighbour_location"] = torch.from_numpy(np.stack([c["neighbour_location"] for c in batch]))
-        starts = np.stack([c["neighbour_start"] for c in batch]).astype(np.int64)
-        out["neighbour_start"] = torch.from_numpy(starts)
+    for name in ("neighbour", "neighbour2"):
+        if name in batch[0]:
+            out[f"{name}_location"] = torch.from_numpy(np.stack([c[f"{name}_location"] for c in batch]))
+            starts = np.stack([c[f"{name}_start"] for c in batch]).astype(np.int64)
+            out[f"{name}_start"] = torch.from_numpy(starts)
     return out

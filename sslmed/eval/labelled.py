@@ -5,6 +5,10 @@
 column; paths relative to the folder). Every sample becomes a `data.crop_size`³ array: the volume's
 centre, zero-padded where the volume is smaller.
 
+Each sample's location in [−1, 1] (for location-conditioned encoders, sslmed/models/location.py): in a
+packed dataset the centre crop's own location, as the pretraining stream computes it (atlas coordinates
+when packed with `--atlas`); in a folder, the labels.csv columns `eval.location_columns` when present.
+
 Inputs: `eval.branches` (fusion) names one input per branch: a tag (packed) or CSV column holding the
 key/path of a co-registered sibling volume (e.g. another MRI sequence); `self` is the sample itself.
 Without branches every sample has one input channel.
@@ -31,6 +35,7 @@ class LabelledSet:
     classes: list[str]
     groups: np.ndarray | None  # (N,) group ids that must not straddle train/test, or None
     keys: list[str]
+    locations: np.ndarray | None = None  # (N, 3) float32 in [-1, 1], or None (a folder without them)
 
 
 def input_branches(cfg: Config) -> list[str]:
@@ -62,6 +67,7 @@ class _Row:
     label: str
     group: str | None
     inputs: list[np.ndarray]  # one (S, S, S) array per branch
+    location: np.ndarray | None = None  # (3,) in [-1, 1]
 
 
 def _assemble(rows: list[_Row], source: str) -> LabelledSet:
@@ -72,10 +78,12 @@ def _assemble(rows: list[_Row], source: str) -> LabelledSet:
         raise DataError(f"eval.data: {source} has a single class ({classes[0]!r}); need at least two")
     index = {name: i for i, name in enumerate(classes)}
     groups = None if rows[0].group is None else np.array([r.group for r in rows])
+    located = rows[0].location is not None
     return LabelledSet(
         images=np.stack([np.stack(r.inputs) for r in rows]).astype(np.float32),
         labels=np.array([index[r.label] for r in rows], dtype=np.int64),
         classes=classes, groups=groups, keys=[r.key for r in rows],
+        locations=np.stack([r.location for r in rows]).astype(np.float32) if located else None,
     )
 
 
@@ -98,14 +106,23 @@ def _packed_rows(cfg: Config, root: Path) -> list[_Row]:
                 raise DataError(f"eval.data: sample '{key}' branch '{branch}': "
                                 + (f"sibling '{source}' is not in {root}" if source else "no such tag"))
             inputs.append(_centre_crop_packed(dataset, source, size))
-        rows.append(_Row(key, tags[cfg.data.label_key], _group_of(cfg, tags, key), inputs))
+        rows.append(_Row(key, tags[cfg.data.label_key], _group_of(cfg, tags, key), inputs,
+                         _centre_location(dataset.meta(key), size)))
     return rows
 
 
+def _centre_start(meta: dict, size: int) -> np.ndarray:
+    return (np.asarray(meta["shape"]) - size) // 2  # negative where the volume is smaller: zero padding
+
+
 def _centre_crop_packed(dataset, key: str, size: int) -> np.ndarray:
-    shape = np.asarray(dataset.meta(key)["shape"])
-    start = (shape - size) // 2  # negative where the volume is smaller: read_crop pads with zeros
-    return dataset.read_crop(key, start, (size, size, size))
+    return dataset.read_crop(key, _centre_start(dataset.meta(key), size), (size, size, size))
+
+
+def _centre_location(meta: dict, size: int) -> np.ndarray:
+    from sslmed.data.stages import location
+
+    return location(_centre_start(meta, size), meta["shape"], size, meta)
 
 
 def _group_of(cfg: Config, tags: dict, key: str) -> str | None:
@@ -129,13 +146,29 @@ def _folder_rows(cfg: Config, root: Path) -> list[_Row]:
     if missing := needed - columns:
         raise DataError(f"{table}: missing column(s) {', '.join(sorted(missing))} "
                         f"(has: {', '.join(sorted(columns))})")
+    located = [c for c in cfg.eval.location_columns if c in columns]
+    if located and len(located) != 3:
+        raise DataError(f"{table}: location column(s) {', '.join(located)} without the others of "
+                        f"{', '.join(cfg.eval.location_columns)} (eval.location_columns)")
     rows = []
-    for record in records:
+    for line, record in enumerate(records, start=2):
         paths = [record["path"] if b == SELF else record[b] for b in branches]
         inputs = [_centre_crop_file(root / p, cfg.data.crop_size) for p in paths]
         group = record[group_column] if group_column else None
-        rows.append(_Row(record["path"], record[cfg.data.label_key], group, inputs))
+        location = _csv_location(record, located, f"{table}:{line}") if located else None
+        rows.append(_Row(record["path"], record[cfg.data.label_key], group, inputs, location))
     return rows
+
+
+def _csv_location(record: dict, columns: list[str], where: str) -> np.ndarray:
+    try:
+        value = np.array([float(record[c]) for c in columns], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: location {[record[c] for c in columns]} is not three numbers") from None
+    if not np.all(np.isfinite(value)) or np.abs(value).max() > 1:
+        raise DataError(f"{where}: location {value.tolist()} outside [-1, 1] (locations are scaled to "
+                        "[-1, 1] per axis: docs/architecture.md)")
+    return value
 
 
 def _centre_crop_file(path: Path, size: int) -> np.ndarray:

@@ -38,7 +38,14 @@ from torch import nn
 from sslmed.config import Config
 from sslmed.errors import ConfigError, DataError
 from sslmed.eval.clustering import cluster_evaluation
-from sslmed.eval.encoders import build_encoder, device_of, extract_features, feature_dim
+from sslmed.eval.encoders import (
+    build_encoder,
+    device_of,
+    extract_features,
+    feature_dim,
+    needs_location,
+    require_locations,
+)
 from sslmed.eval.labelled import LabelledSet, load_labelled
 from sslmed.eval.metrics import classification_metrics, clustering_metrics
 from sslmed.eval.reports import summarise, summary_table, write_json_atomic
@@ -80,7 +87,7 @@ def finetune(cfg: Config) -> dict:
     positive = positive_index(cfg, data.classes)
     train_idx, test_idx = split_train_test(data.labels, cfg.eval.test_fraction, data.groups)
     encoder = build_encoder(cfg, seed=cfg.train.seed).to(_device())
-    features = extract_features(encoder, data.images, cfg.eval.batch_size)
+    features = frozen_features(cfg, encoder, data)
     if cfg.eval.mode == "cluster":
         runs, clustering = cluster_evaluation(cfg, data, features, train_idx, test_idx, positive)
         summary_metrics = CLUSTER_SUMMARY_METRICS
@@ -102,6 +109,20 @@ def finetune(cfg: Config) -> dict:
     write_json_atomic(run_dir / "metrics.json", report)
     print(summary_table(report), f"\nwrote {run_dir / 'metrics.json'}", sep="\n")
     return report
+
+
+def frozen_features(cfg: Config, encoder: nn.Module, data: LabelledSet) -> np.ndarray:
+    """One feature vector per sample: its centre crop encoded at its location, or (`eval.pool`) its
+    crops at every atlas grid point pooled into one vector per subject."""
+    if cfg.eval.pool != "none":
+        from sslmed.eval.pooling import pooled_features
+
+        return pooled_features(cfg, encoder, data.keys)
+    require_locations(encoder, data.locations, cfg.eval.data)
+    if needs_location(encoder) and cfg.eval.mode == "fusion":
+        raise ConfigError("eval.mode=fusion does not pass locations to its branch encoders yet; a "
+                          "location-conditioned encoder can be probed with linear, knn, cluster or finetune")
+    return extract_features(encoder, data.images, cfg.eval.batch_size, data.locations)
 
 
 def probe_runs(cfg: Config, encoder: nn.Module | None, data: LabelledSet, features: np.ndarray,
@@ -150,11 +171,35 @@ def predict(cfg: Config, encoder: nn.Module, data: LabelledSet, features: np.nda
                                  shared=cfg.eval.fusion_shared, cross_attention=cfg.eval.fusion_attention,
                                  head=cfg.eval.head)
     else:
-        model = nn.Sequential(copy.deepcopy(encoder), classifier_head(width, n_classes, cfg.eval.head))
+        model = LocatedClassifier(copy.deepcopy(encoder), classifier_head(width, n_classes, cfg.eval.head))
     model = model.to(device_of(encoder))
-    validation = None if val_idx is None else (data.images[val_idx], data.labels[val_idx])
-    train_classifier(model, data.images[chosen], y, cfg, seed, n_classes, validation)
-    return predict_proba(model, data.images[test_idx], cfg.eval.batch_size)
+    where = data.locations if needs_location(encoder) else None
+    validation = None if val_idx is None else (data.images[val_idx], data.labels[val_idx],
+                                               located(where, val_idx))
+    train_classifier(model, data.images[chosen], y, cfg, seed, n_classes, validation, located(where, chosen))
+    return predict_proba(model, data.images[test_idx], cfg.eval.batch_size, located(where, test_idx))
+
+
+class LocatedClassifier(nn.Module):
+    """Encoder then classifier head; the encoder gets each sample's location when one is given."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor, location: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encoder(x) if location is None else self.encoder(x, location=location))
+
+
+def located(locations: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if locations is None else locations[idx]
+
+
+def run_model(model: nn.Module, x: torch.Tensor, locations: np.ndarray | None, idx) -> torch.Tensor:
+    """`model` on a batch, with the batch's locations (host arrays) when there are any."""
+    if locations is None:
+        return model(x)
+    return model(x, location=torch.as_tensor(locations[idx]))
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -167,10 +212,11 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Config, seed: int,
-                     n_classes: int, validation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                     n_classes: int, validation: tuple | None = None,
+                     locations: np.ndarray | None = None) -> None:
     """Cross-entropy (class-weighted with `eval.class_weighted`) for `eval.epochs`: AdamW with cosine
-    decay, or Adam at a constant rate. With `validation` (images, labels), the weights of the epoch with
-    the lowest validation loss are kept."""
+    decay, or Adam at a constant rate. With `validation` (images, labels, locations or None), the weights
+    of the epoch with the lowest validation loss are kept. `locations` (N, 3) go to the encoder."""
     device = device_of(model)
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
@@ -193,14 +239,15 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, c
         order = torch.randperm(len(x), generator=generator)
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
-            loss = loss_fn(model(x[idx].to(device)), y[idx].to(device))
+            loss = loss_fn(run_model(model, x[idx].to(device), locations, idx.numpy()), y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if schedule is not None:
                 schedule.step()
         if validation is not None:
-            val_loss = validation_loss(model, *validation, loss_fn, batch)
+            val_images, val_labels, *val_locations = validation
+            val_loss = validation_loss(model, val_images, val_labels, loss_fn, batch, *val_locations)
             if val_loss < best_loss:
                 best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
     if best_state is not None:
@@ -209,19 +256,22 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, c
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray, loss_fn: nn.Module,
-                    batch_size: int) -> float:
+                    batch_size: int, locations: np.ndarray | None = None) -> float:
     model.eval()
     device = device_of(model)
-    logits = torch.cat([model(torch.from_numpy(images[i:i + batch_size]).to(device))
+    logits = torch.cat([run_model(model, torch.from_numpy(images[i:i + batch_size]).to(device), locations,
+                                  slice(i, i + batch_size))
                         for i in range(0, len(images), batch_size)])
     return float(loss_fn(logits, torch.from_numpy(labels).to(device)))
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int,
+                  locations: np.ndarray | None = None) -> np.ndarray:
     model.eval()
     device = device_of(model)
-    chunks = [torch.softmax(model(torch.from_numpy(images[i:i + batch_size]).to(device)), dim=1).cpu().numpy()
+    chunks = [torch.softmax(run_model(model, torch.from_numpy(images[i:i + batch_size]).to(device), locations,
+                                      slice(i, i + batch_size)), dim=1).cpu().numpy()
               for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks)
 

@@ -32,6 +32,7 @@ from sslmed import __version__
 from sslmed.config import Config, config_from_dict, save_config
 from sslmed.errors import CheckpointError, ConfigError, SslmedError
 from sslmed.methods.base import keeps_outside_state, load_outside_state, outside_state
+from sslmed.models.location import accept_location, is_location_conditioned
 
 MARKER = "complete"
 LATEST = "latest"
@@ -301,7 +302,9 @@ def export_encoder(module: nn.Module, path: str | Path, meta: dict[str, Any]) ->
     part = path.with_name(path.name + ".part")
     save_file(tensors, str(part), metadata={"format": "pt"})
     os.replace(part, path)
-    info = {**meta, **module.export_config(), "feature_dim": int(getattr(module, "feature_dim", 0))}
+    info = {**meta, **module.export_config(), "feature_dim": int(getattr(module, "feature_dim", 0)),
+            "needs_location": is_location_conditioned(module),
+            "location_coordinates": meta.get("location_coordinates", "volume"), "location_range": [-1, 1]}
     write_atomic(path.with_suffix(".json"), json.dumps(info, indent=2, sort_keys=True))
     return path
 
@@ -318,6 +321,9 @@ def encoder_meta(cfg: Config) -> dict[str, Any]:
         prep = json.loads(manifest.read_text()).get("preprocessing", {})
         meta["spacing"] = prep.get("spacing")
         meta["normalisation"] = {k: prep[k] for k in ("modality", "ct_window", "mr_percentiles") if k in prep}
+        if prep.get("atlas"):  # crop locations were atlas coordinates: downstream crops need the same
+            meta["location_coordinates"] = "atlas"
+            meta["atlas_template"] = Path(prep["atlas"]).name
     return meta
 
 
@@ -373,4 +379,4 @@ def load_encoder(path: str | Path) -> nn.Module:
     except RuntimeError as exc:
         raise CheckpointError(f"{weights}: weights do not match the architecture in {sidecar.name}: "
                               f"{exc}") from None
-    return module.eval()
+    return accept_location(module.eval(), info.get("location_coordinates", "volume"))
