@@ -120,7 +120,8 @@ def _method(sitk, seed: int, pyramid=AFFINE_PYRAMID):
                                 numberOfIterations=ITERATIONS, maximumNumberOfCorrections=5,
                                 maximumNumberOfFunctionEvaluations=FUNCTION_EVALUATIONS,
                                 costFunctionConvergenceFactor=1e7)
-    method.SetOptimizerScalesFromPhysicalShift()
+    # no parameter scales: ITK's L-BFGS-B ignores them (with a warning); its curvature estimate does the
+    # balancing of rotation against translation that scales do for gradient descent
     method.SetShrinkFactorsPerLevel([s for s, _ in pyramid])
     method.SetSmoothingSigmasPerLevel([sigma for _, sigma in pyramid])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
