@@ -125,7 +125,7 @@ def results_table(results: dict) -> str:
         return "(no method finished)"
     fractions = sorted({float(f) for m in methods.values() for f in m["summaries"]["pretrained"]})
     head = ["method", "arch"] + [f"{label} {f:g}" for f in fractions for label in ("pretrained", "random")] \
-        + [f"Δ {f:g}" for f in fractions] + ["pretrain s (CPU s)"]
+        + [f"Δ {f:g}" for f in fractions] + ["pretrain wall s (CPU s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in methods.items():
         pre, rnd = entry["summaries"]["pretrained"], entry["summaries"]["random-init"]
@@ -141,13 +141,17 @@ def results_table(results: dict) -> str:
             f"template crops for training, {results['n_test']} crops of the second subject for testing; "
             f"chance 0.333). Every method: {results['steps']} steps × {results['micro_batch']} crops of "
             f"{results['crop_size']}³, `<method>-{results['family']}` configs. Δ in bold where it exceeds "
-            "the two standard deviations added.\n\n" + "\n".join(lines))
+            "the two standard deviations added. CPU s: the training process's (not its loader worker's)."
+            "\n\n" + "\n".join(lines))
 
 
 def difference(pre: dict, rnd: dict) -> str:
+    """pretrained − random, in bold beyond the two seed spreads added (never where there is no spread:
+    at 100 % of the labels every seed trains on the same crops)."""
     delta = pre["mean"] - rnd["mean"]
     text = f"{delta:+.3f}"
-    return f"**{text}**" if abs(delta) > pre["std"] + rnd["std"] else text
+    spread = pre["std"] + rnd["std"]
+    return f"**{text}**" if spread > 0 and abs(delta) > spread else text
 
 
 def write_results(out: Path, results: dict) -> None:
