@@ -183,7 +183,7 @@ def plot(results: dict, path: Path) -> None:
         axes.axhline(1 / len(demo.ROI_CLASSES), color="grey", linestyle=":", label="chance")
         axes.set_xticks(x, methods, rotation=60, ha="right")
         axes.set_ylabel("balanced accuracy (cross-subject)")
-        axes.set_title(f"{fraction:g} of the labels")
+        axes.set_title(f"{fraction:.0%} of the labels")
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8)
     figure.tight_layout()
