@@ -106,10 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine")
-    demo.add_argument("--out", default="demo-out")
+    demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine; `demo "
+                          "sweep-transfer`: every method, same budget, on the cross-subject task")
+    demo.add_argument("which", nargs="?", choices=["sweep-transfer"],
+                      help="sweep-transfer: pretrain each method with one budget, probe across subjects")
+    demo.add_argument("--out", help="output folder (default demo-out, or sweep-transfer-out)")
     demo.add_argument("--quick", action="store_true", help="smaller, for tests")
     demo.add_argument("--config", default="demo", help="the pretraining config (e.g. brain-mri-cpu)")
+    demo.add_argument("--steps", type=int, default=300, help="sweep-transfer: steps per method")
+    demo.add_argument("--micro-batch", type=int, default=8, help="sweep-transfer: crops per step")
+    demo.add_argument("--family", default="tiny", choices=["tiny", "base"],
+                      help="sweep-transfer: each method's <method>-FAMILY config")
+    demo.add_argument("--methods", nargs="+", help="sweep-transfer: a subset of the methods")
     return parser
 
 
@@ -175,10 +183,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return run_benchmark(args.name, args.args)
+    if args.command == "demo" and args.which == "sweep-transfer":
+        from sslmed.demo_transfer import METHODS, run_sweep_transfer
+
+        run_sweep_transfer(args.out or "sweep-transfer-out", steps=args.steps, micro_batch=args.micro_batch,
+                           family=args.family, methods=tuple(args.methods or METHODS), quick=args.quick)
+        return 0
     if args.command == "demo":
         from sslmed.demo import run_demo
 
-        run_demo(args.out, quick=args.quick, config=args.config)
+        run_demo(args.out or "demo-out", quick=args.quick, config=args.config)
         return 0
     raise AssertionError(args.command)
 

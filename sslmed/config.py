@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["vit3d", "cnn3d", "resnet3d"] = "vit3d"
+    arch: Literal["vit3d", "cnn3d", "cnn3d_cond", "resnet3d"] = "vit3d"
     size: Literal["tiny", "small", "base"] = "tiny"
     patch_size: int = 16
     in_channels: int = 1
@@ -72,6 +72,7 @@ class ModelConfig:
     heads: int = 0  # 0: the size's default (ViT attention heads)
     init: str = ""  # an exported encoder (.safetensors + .json) whose weights start the run's encoder
     feature_blocks: int = 1  # ViT: features = pooled tokens of the last N blocks, concatenated
+    experts: int = 8  # cnn3d_cond: expert kernels mixed by location in each conditional convolution
 
 
 def setting(default: Any, check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:
@@ -92,10 +93,12 @@ class MethodSettings:
 
 @dataclass
 class OptimConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: SGD with momentum (MoCo's, and DrasCLR's, recipe)
     lr: float = 1.5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    momentum: float = 0.9  # sgd
     warmup_steps: int = 10
     grad_clip: float = 1.0  # 0 disables clipping
 
@@ -199,6 +202,7 @@ class Config:
             (self.train.peer_timeout >= 0, "train.peer_timeout must be >= 0 (0 switches it off)"),
             (self.optim.warmup_steps >= 0 and self.optim.grad_clip >= 0,
              "optim.warmup_steps and optim.grad_clip must be >= 0"),
+            (0.0 <= self.optim.momentum < 1.0, "optim.momentum must be in [0, 1)"),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be at least 1"),
             (self.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
             (all(0 < f <= 1 for f in self.eval.label_fractions), "eval.label_fractions must be in (0, 1]"),

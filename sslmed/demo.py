@@ -128,23 +128,11 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, config: str = "d
     tasks; prints both tables, writes results.{md,json,png}."""
     from sslmed.config import load_config
     from sslmed.data.sources import open_dataset
-    from sslmed.io.pack import pack
-    from sslmed.io.synthetic import mni152_paths, write_itk_t1_brain
     from sslmed.train.loop import pretrain
 
     out = Path(out)
     started = time.perf_counter()
-    unlabeled, subject = out / "unlabeled", out / "subject"
-    template = mni152_paths()[0]
-    say(f"[1/5] packing the MNI152 2009 T1 template and tissue maps (nilearn) at 1 mm → {unlabeled}")
-    pack([str(p) for p in mni152_paths()], str(unlabeled), fmt="wds", modality="mr", dtype="int16")
-    say(f"[2/5] packing a second subject (ITK example T1) at 1 mm, registered to the template → {subject}")
-    brain = write_itk_t1_brain(out / "volumes")
-    summary = pack([str(brain)], str(subject), fmt="wds", spacing=SUBJECT_SPACING, modality="mr",
-                   dtype="int16", atlas=str(template))
-    if summary["ok"] != 1:
-        raise DataError("the second subject could not be registered to the template: "
-                        f"see {subject / 'report.jsonl'}")
+    unlabeled, subject = pack_volumes(out)
 
     fractions, seeds = (FRACTIONS, SEEDS[:1]) if quick else (FRACTIONS, SEEDS)
     overrides = [f"run.dir={out / 'pretrain'}", f"data.path={unlabeled}",
@@ -180,6 +168,27 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, config: str = "d
     say(f"done in {results['seconds']:.0f} s: {out / 'results.md'}, {out / 'results.png'}, "
         f"TensorBoard logs in {run_dir / 'tb'}")
     return results
+
+
+def pack_volumes(out: Path, tags: Path | None = None) -> tuple[Path, Path]:
+    """Steps 1 and 2: (pretraining pool, registered second subject) packed under `out`; `tags` (a CSV for
+    `sslmed pack --tags`) tags the pool's volumes."""
+    from sslmed.io.pack import pack
+    from sslmed.io.synthetic import mni152_paths, write_itk_t1_brain
+
+    unlabeled, subject = out / "unlabeled", out / "subject"
+    template = mni152_paths()[0]
+    say(f"[1/5] packing the MNI152 2009 T1 template and tissue maps (nilearn) at 1 mm → {unlabeled}")
+    pack([str(p) for p in mni152_paths()], str(unlabeled), fmt="wds", modality="mr", dtype="int16",
+         tags=tags)
+    say(f"[2/5] packing a second subject (ITK example T1) at 1 mm, registered to the template → {subject}")
+    brain = write_itk_t1_brain(out / "volumes")
+    summary = pack([str(brain)], str(subject), fmt="wds", spacing=SUBJECT_SPACING, modality="mr",
+                   dtype="int16", atlas=str(template))
+    if summary["ok"] != 1:
+        raise DataError("the second subject could not be registered to the template: "
+                        f"see {subject / 'report.jsonl'}")
+    return unlabeled, subject
 
 
 def write_labelled_folder(rois: RoiSet, folder: Path, per_roi: int) -> None:

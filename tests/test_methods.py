@@ -21,7 +21,8 @@ from sslmed.rng import step_generator
 torch.set_num_threads(1)
 
 LOSS_FLOOR = {"simsiam": -1.0}  # SimSiam's loss is a negative cosine
-REQUIRED = {"residual": ["method.stage1_steps=1000"]}  # settings without a usable default
+# settings without a usable default (drasclr: queues for the grid points of no data set here)
+REQUIRED = {"residual": ["method.stage1_steps=1000"], "drasclr": ["method.locations=2"]}
 # The residual method's CAE ends in a LeakyReLU, as its authors' does: it reconstructs [0, 1] intensities.
 UNIT_INTENSITIES = {"residual"}
 
@@ -33,7 +34,7 @@ def tiny_config(name: str, *extra: str):
     small = {"hidden_dim": 32, "proj_dim": 16, "decoder_dim": 16, "decoder_depth": 1}
     overrides = [f"method.name={name}", "train.micro_batch=4", *cls.needs.overrides(),
                  *(f"method.{k}={v}" for k, v in small.items() if k in fields), *REQUIRED.get(name, [])]
-    if cls.needs.backbone == "cnn3d":
+    if cls.needs.backbone in ("cnn3d", "cnn3d_cond"):
         overrides += ["model.dim=4", "model.depth=1"]
     elif cls.needs.backbone == "resnet3d":
         overrides += ["model.dim=4", "model.depth=10", "method.cae_latent=32"]
@@ -59,7 +60,9 @@ def tiny_batch(n: int = 4, size: int = 16) -> dict:
     image = smooth_volumes(n, size)
     return {"image": image, "image2": image + 0.1 * torch.randn_like(image),
             "neighbour": torch.roll(image, shifts=2, dims=2) + 0.1 * torch.randn_like(image),
-            "location": torch.rand(n, 3), "neighbour_location": torch.rand(n, 3),
+            "neighbour2": torch.roll(image, shifts=-2, dims=3) + 0.1 * torch.randn_like(image),
+            "location": torch.rand(n, 3) * 2 - 1, "neighbour_location": torch.rand(n, 3) * 2 - 1,
+            "neighbour2_location": torch.rand(n, 3) * 2 - 1, "grid_point": [1] * n,
             "key": [f"v{i}" for i in range(n)], "tags": [{"status": "normal"}] * n}
 
 
@@ -79,7 +82,9 @@ def train(method, batch: dict, steps: int, lr: float = 3e-3) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# MoCo's queue fills with the repeated batch's own earlier keys, near copies of its positives: one batch
+# shown again and again cannot be overfit by DrasCLR (tests/test_drasclr.py checks its losses instead)
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"drasclr"}))
 def test_every_method_overfits_one_tiny_batch(name: str) -> None:
     torch.manual_seed(0)
     method = build_method(tiny_config(name))
@@ -220,7 +225,12 @@ def test_residual_stages_follow_the_saved_step_counter() -> None:
     (["method.name=mae", "data.views=2"], "data.views: 1"),
     (["method.name=simclr", "data.views=2", "train.micro_batch=1"], "micro_batch"),
     (["method.name=resmae"], "model.arch: cnn3d"),
-    (["method.name=drasclr", "model.arch=cnn3d", "data.views=2"], "data.neighbour"),
+    (["method.name=drasclr", "model.arch=cnn3d", "data.views=2"], "model.arch: cnn3d_cond"),
+    (["method.name=drasclr", "model.arch=cnn3d_cond", "data.views=2"], "data.neighbour"),
+    (["method.name=drasclr", "model.arch=cnn3d_cond", "data.views=2", "data.neighbour=true"],
+     "data.sampling: atlas_grid"),
+    (["method.name=drasclr", "model.arch=cnn3d_cond", "data.views=2", "data.neighbour=true",
+      "data.sampling=atlas_grid", "method.queue_size=1", "train.micro_batch=2"], "method.queue_size 1"),
     (["method.name=residual", "model.arch=resnet3d"], "stage1_steps"),
     (["method.name=residual", "model.arch=resnet3d", "method.stage1_steps=3", "method.normal_tag=normal"],
      "key=value"),
@@ -270,12 +280,13 @@ def test_every_method_ships_tiny_and_base_configs_that_load() -> None:
             cfg = load_config(f"{name}-{size}")
             assert cfg.method.name == name
             assert Path(CONFIG_DIR / f"{name}-{size}.yaml").exists()
-        assert cfg.train.precision == "bf16" and cfg.train.zero_stage == 2 and cfg.data.crop_size == 96
+        assert cfg.train.precision == "bf16" and cfg.train.zero_stage == 2
+        assert cfg.data.crop_size == (32 if name == "drasclr" else 96)  # DrasCLR's encoder: 32³ → 1³
 
 
 @pytest.mark.parametrize("name", ["mae", "drasclr"])
 def test_tiny_config_builds_and_steps(name: str) -> None:
-    cfg = load_config(f"{name}-tiny")
+    cfg = load_config(f"{name}-tiny", REQUIRED.get(name, []))
     method = build_method(cfg)
     batch = tiny_batch(cfg.train.micro_batch, cfg.data.crop_size)
     train(method, batch, steps=1)

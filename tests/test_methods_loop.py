@@ -30,7 +30,8 @@ def tagged_volumes(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# DrasCLR trains on atlas-packed data at atlas grid points: tests/test_drasclr.py runs it through the loop
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"drasclr"}))
 def test_method_trains_through_the_loop_and_exports(name, tagged_volumes, tmp_path):
     torch.set_num_threads(1)
     run = tmp_path / name

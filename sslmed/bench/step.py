@@ -28,7 +28,9 @@ from sslmed.errors import SslmedError
 
 TWINNED = ("mae",)  # methods that MONAI's MaskedAutoEncoderViT computes as well
 # A timing choice, not a need: the residual method's timed steps are its stage 2 (stage 1 lasts one step).
-TIMED_STAGE = {"residual": ["method.stage1_steps=1"]}
+# DrasCLR's queues: one per grid point; the synthetic batch is at one point, and a step's time does not
+# depend on how many queues there are.
+TIMED_STAGE = {"residual": ["method.stage1_steps=1"], "drasclr": ["method.locations=1"]}
 
 
 @dataclass
@@ -51,11 +53,13 @@ def synthetic_batch(batch: int, crop: int, device: torch.device, seed: int = 0) 
         return torch.randn(batch, 1, crop, crop, crop, generator=gen).to(device)
 
     def location() -> torch.Tensor:
-        return torch.rand(batch, 3, generator=gen).to(device)
+        return (torch.rand(batch, 3, generator=gen) * 2 - 1).to(device)  # [-1, 1], as the stream's
 
-    return {"image": volume(), "image2": volume(), "location": location(), "neighbour": volume(),
-            "neighbour_location": location(), "key": [f"synthetic-{i}" for i in range(batch)],
-            "tags": [{"status": "normal", "label": str(i % 2)} for i in range(batch)]}
+    out = {"image": volume(), "image2": volume(), "location": location(), "neighbour": volume(),
+           "neighbour_location": location(), "key": [f"synthetic-{i}" for i in range(batch)],
+           "tags": [{"status": "normal", "label": str(i % 2)} for i in range(batch)]}
+    # the atlas-grid keys (one grid point per batch, its second-nearest neighbour)
+    return {**out, "neighbour2": volume(), "neighbour2_location": location(), "grid_point": [0] * batch}
 
 
 def bench_config(args: argparse.Namespace, method: str, size: str, crop: int, checkpointing: bool):

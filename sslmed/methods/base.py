@@ -79,6 +79,16 @@ class Method(nn.Module):
         """The method's EMA teachers by attribute name (kept in float32 outside the registered modules)."""
         return {key: value for key, value in vars(self).items() if isinstance(value, EMATeacher)}
 
+    def held_state(self) -> dict[str, torch.Tensor]:
+        """Other tensors the method keeps outside its registered modules (out of the engine's precision
+        and partitioning), e.g. MoCo's key queues: checkpoints save them as they are, on the host."""
+        return {}
+
+    def load_held_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `held_state`; a missing or misshapen tensor raises KeyError or ValueError."""
+        if state:
+            raise KeyError(f"method '{self.name}' holds no state, the checkpoint has {sorted(state)}")
+
 
 def require(ok: bool, message: str) -> None:
     if not ok:
@@ -195,7 +205,7 @@ class EMATeacher:
     Not being a submodule, it is never cast by the engine's precision (DeepSpeed turns every registered
     parameter into bf16, where an update of (1 − momentum) · (online − teacher) falls below the
     resolution once momentum nears 1), never partitioned by ZeRO-3 (each rank holds the same replica)
-    and not part of the module's state dict: checkpoints save it apart, in float32 (`teacher_state`).
+    and not part of the module's state dict: checkpoints save it apart, in float32 (`outside_state`).
     It follows the online modules' device on first use. Its forward autocasts to the input's dtype."""
 
     def __init__(self, online: nn.Module) -> None:
@@ -229,18 +239,34 @@ class EMATeacher:
         self.module.load_state_dict({k: v.to(device, torch.float32) for k, v in state.items()})
 
 
-def teacher_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every EMA teacher of `module` in float32 on the host, under keys `teacher.<attribute>.<tensor>`."""
+HELD = "held."  # key prefix of a method's held state in `outside_state`
+
+
+def outside_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What `module` keeps outside the engine, on the host: every EMA teacher in float32 under
+    `teacher.<attribute>.<tensor>`, and the method's held state (`Method.held_state`) under
+    `held.<name>`. The same on every rank."""
     teachers = module.teachers() if hasattr(module, "teachers") else {}
-    return {f"teacher.{attr}.{k}": v for attr, t in teachers.items() for k, v in t.state_dict().items()}
+    state = {f"teacher.{attr}.{k}": v for attr, t in teachers.items() for k, v in t.state_dict().items()}
+    held = module.held_state() if hasattr(module, "held_state") else {}
+    state.update({f"{HELD}{k}": v.detach().to("cpu").clone() for k, v in held.items()})
+    return state
 
 
-def load_teacher_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of `teacher_state`; every teacher must be found, whole."""
+def keeps_outside_state(module: nn.Module) -> bool:
+    """Whether `module` has teachers or held state (without copying them, as `outside_state` does)."""
+    teachers = module.teachers() if hasattr(module, "teachers") else {}
+    return bool(teachers) or bool(module.held_state() if hasattr(module, "held_state") else {})
+
+
+def load_outside_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `outside_state`; every teacher and the held state must be found, whole."""
     teachers = module.teachers() if hasattr(module, "teachers") else {}
     for attr, teacher in teachers.items():
         prefix = f"teacher.{attr}."
         teacher.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    if hasattr(module, "load_held_state"):
+        module.load_held_state({k[len(HELD):]: v for k, v in state.items() if k.startswith(HELD)})
 
 
 class TwoViewMethod(Method):

@@ -68,6 +68,17 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
     return F.cross_entropy(logits, positive)
 
 
+def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float
+             ) -> torch.Tensor:
+    """MoCo's InfoNCE: the mean over rows of −log softmax of the positive logit among
+    [query·key, query·negatives] / temperature. query, key (B, D) and negatives (K, D), normalised by the
+    caller (DrasCLR's neighbour query is a sum of unit vectors); computed in float32 at least."""
+    query, key, negatives = _at_least_fp32(query), _at_least_fp32(key), _at_least_fp32(negatives)
+    positive = (query * key).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive, query @ negatives.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean negative cosine similarity of predictions `p` to targets `z`; no gradient reaches `z`."""
     p, z = _at_least_fp32(p), _at_least_fp32(z.detach())

@@ -6,7 +6,8 @@ from torch import nn
 
 from sslmed.config import Config
 from sslmed.errors import ConfigError
-from sslmed.models.cnn3d import CNN3D, CNNDecoder, CodedCNN3D, CondCNN3D
+from sslmed.models.cnn3d import CNN3D, CNNDecoder, CodedCNN3D
+from sslmed.models.condcnn3d import CondCNN3D
 from sslmed.models.resnet3d import ResNet3D
 from sslmed.models.vit3d import ViT3D, ViTDecoder
 
@@ -20,6 +21,8 @@ def backbone_kwargs(cfg: Config) -> dict:
     common = {"size": m.size, "in_channels": m.in_channels, "dim": m.dim, "depth": m.depth}
     if m.arch == "vit3d":
         return {**common, "patch_size": m.patch_size, "heads": m.heads, "feature_blocks": m.feature_blocks}
+    if m.arch == "cnn3d_cond":
+        return {**common, "experts": m.experts}
     return common
 
 

@@ -1,4 +1,5 @@
-"""3-D residual CNN encoders (MONAI blocks), a location-conditioned variant, and a CNN decoder.
+"""3-D residual CNN encoders (MONAI blocks) and a CNN decoder (the location-conditioned DrasCLR encoder
+is in condcnn3d.py).
 
 Every encoder has a stride-2 stem and four residual stages (strides 1, 2, 2, 2): features at 1/2, 1/4,
 1/8 and 1/16 of the input. `forward_features(x, mask)` can zero masked positions after the stem and
@@ -136,112 +137,6 @@ class CodedCNN3D(nn.Module):
         if tuple(x.shape[2:]) != (self.crop_size,) * 3:
             raise ConfigError(f"dense-code encoder built for {self.crop_size}³ crops got {tuple(x.shape)}")
         return self.to_code(self.squeeze(self.cnn.forward_features(x)[-1]).flatten(1))
-
-
-class CondConv3d(nn.Module):
-    """Conditionally parameterised convolution: the kernel is a location-dependent mix of experts.
-
-    kernel(b) = Σ_e r_e(loc_b) · W_e with r = sigmoid(Linear(loc)), applied per sample as a grouped conv.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 experts: int = 4, cond_dim: int = 3) -> None:
-        super().__init__()
-        self.stride, self.padding = stride, kernel_size // 2
-        self.weight = nn.Parameter(torch.empty(experts, out_channels, in_channels, *(kernel_size,) * 3))
-        self.bias = nn.Parameter(torch.zeros(experts, out_channels))
-        self.route = nn.Linear(cond_dim, experts)
-        for w in self.weight:
-            nn.init.kaiming_uniform_(w, a=5**0.5)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        r = torch.sigmoid(self.route(cond))  # (B, E)
-        weight = torch.einsum("be,eoikjl->boikjl", r, self.weight).flatten(0, 1)
-        bias = (r @ self.bias).flatten()
-        out = F.conv3d(x.reshape(1, b * c, *x.shape[2:]), weight, bias, stride=self.stride,
-                       padding=self.padding, groups=b)
-        return out.view(b, -1, *out.shape[2:])
-
-
-class CondResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int, experts: int) -> None:
-        super().__init__()
-        self.conv1 = CondConv3d(in_channels, out_channels, 3, stride, experts)
-        self.norm1 = nn.GroupNorm(min(8, out_channels), out_channels)
-        self.conv2 = CondConv3d(out_channels, out_channels, 3, 1, experts)
-        self.norm2 = nn.GroupNorm(min(8, out_channels), out_channels)
-        self.skip = (nn.Identity() if in_channels == out_channels and stride == 1
-                     else nn.Conv3d(in_channels, out_channels, 1, stride=stride))
-        self.act = nn.LeakyReLU(0.1)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.norm1(self.conv1(x, cond)))
-        return self.act(self.norm2(self.conv2(h, cond)) + self.skip(x))
-
-
-class CondStage(nn.Module):
-    def __init__(self, blocks: list[CondResBlock]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, cond)
-        return x
-
-
-class CondCNN3D(nn.Module):
-    """Residual CNN whose convolutions depend on the crop's location (DrasCLR's encoder).
-
-    `forward(x, location=None)`: location (B, 3) in [−1, 1] (docs/architecture.md), the centre (0) when
-    omitted in training code; `sslmed.load_encoder` refuses a missing one.
-    """
-
-    location_conditioned = True  # downstream code must pass each crop's location (sslmed/models/location.py)
-
-    def __init__(self, size: str = "tiny", in_channels: int = 1, dim: int = 0, depth: int = 0,
-                 experts: int = 4) -> None:
-        super().__init__()
-        self.widths, self.depth = _widths(size, dim, depth)
-        self.size, self.in_channels, self.dim, self.experts = size, in_channels, self.widths[0], experts
-        self.stem = Convolution(3, in_channels, self.widths[0], strides=2, kernel_size=3,
-                                act=ACT, norm=_norm(self.widths[0]))
-        self.stages = nn.ModuleList()
-        previous = self.widths[0]
-        for i, width in enumerate(self.widths):
-            self.stages.append(CondStage([CondResBlock(previous if u == 0 else width, width,
-                                                       2 if (i and not u) else 1, experts)
-                                          for u in range(self.depth)]))
-            previous = width
-        self.checkpointing = False
-
-    @property
-    def feature_dim(self) -> int:
-        return self.widths[-1]
-
-    def export_config(self) -> dict:
-        return {"arch": "cnn3d_cond", "kwargs": {"size": self.size, "in_channels": self.in_channels,
-                                                 "dim": self.dim, "depth": self.depth,
-                                                 "experts": self.experts}}
-
-    def forward_features(self, x: torch.Tensor, location: torch.Tensor | None = None) -> list[torch.Tensor]:
-        _check_input(x)
-        if location is None:
-            location = x.new_zeros((x.shape[0], 3))
-        cond = location.to(x.dtype)
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(stage, x, cond, use_reentrant=False)
-            else:
-                x = stage(x, cond)
-            features.append(x)
-        return features
-
-    def forward(self, x: torch.Tensor, location: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_features(x, location)[-1].mean(dim=(2, 3, 4))
 
 
 class CNNDecoder(nn.Module):

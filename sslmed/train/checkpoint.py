@@ -1,12 +1,12 @@
 """Full-state checkpoints (atomic, last K kept), resume, and encoder export.
 
 A checkpoint is `RUN/checkpoints/step_N/`: the DeepSpeed engine state (model, optimizer, LR schedule,
-step), `teachers.pt` (the method's EMA teachers in float32, keys `teacher.<attribute>.<tensor>`; they
-live outside the engine), `extras/rank_R.pt` per rank (data pipeline position), `config.yaml`, and the
-`complete` marker (JSON: step, world size, ZeRO stage, config digest). No RNG state is saved: a step's
-random draws are a function of its position (`sslmed.rng`). It is written as `tmp-step_N`, the marker
-last, then renamed: a crash at any point leaves either a complete `step_N` or a `tmp-*` directory that
-resume ignores.
+step), `teachers.pt` (what the method keeps outside the engine: its EMA teachers in float32, keys
+`teacher.<attribute>.<tensor>`, and its held state such as MoCo key queues, keys `held.<name>`),
+`extras/rank_R.pt` per rank (data pipeline position), `config.yaml`, and the `complete` marker (JSON:
+step, world size, ZeRO stage, config digest). No RNG state is saved: a step's random draws are a
+function of its position (`sslmed.rng`). It is written as `tmp-step_N`, the marker last, then renamed:
+a crash at any point leaves either a complete `step_N` or a `tmp-*` directory that resume ignores.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from sslmed import __version__
 from sslmed.config import Config, config_from_dict, save_config
 from sslmed.errors import CheckpointError, ConfigError, SslmedError
-from sslmed.methods.base import load_teacher_state, teacher_state
+from sslmed.methods.base import keeps_outside_state, load_outside_state, outside_state
 from sslmed.models.location import accept_location, is_location_conditioned
 
 MARKER = "complete"
@@ -208,9 +208,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, loader_state: dict, c
     extras = extras_path(tmp, rank)
     extras.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"loader": loader_state, "step": step}, extras)
-    teachers = teacher_state(engine.module)  # the same on every rank: rank 0 writes them
-    if rank == 0 and teachers:
-        torch.save(teachers, tmp / TEACHERS)
+    if rank == 0 and keeps_outside_state(engine.module):  # the same on every rank: rank 0 writes it
+        torch.save(outside_state(engine.module), tmp / TEACHERS)
     barrier()
     if rank == 0:
         save_config(cfg, tmp / "config.yaml")
@@ -250,9 +249,10 @@ def needs_universal(ckpt: Checkpoint, world: int) -> bool:
 
 
 def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> None:
-    """Load engine state, EMA teachers and data position. When the world size changed, positions within
-    an epoch are per rank and do not carry over: the new ranks' streams begin at the epoch after the
-    saved one. (RNG states saved by earlier versions in the extras are ignored: nothing needs them.)"""
+    """Load engine state, the method's teachers and held state, and data position. When the world size
+    changed, positions within an epoch are per rank and do not carry over: the new ranks' streams begin
+    at the epoch after the saved one. (RNG states saved by earlier versions in the extras are ignored:
+    nothing needs them.)"""
     from sslmed.train.engine import barrier, to_universal
 
     rank, world = engine.info.rank, engine.info.world
@@ -270,7 +270,7 @@ def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> None:
         raise
     except Exception as exc:  # DeepSpeed raises assorted errors for shape/state mismatches
         raise CheckpointError(f"cannot load checkpoint {ckpt.path}: {type(exc).__name__}: {exc}") from None
-    restore_teachers(engine.module, ckpt)
+    restore_outside_state(engine.module, ckpt)
     if ckpt.world != world:
         if loader is not None:
             loader.start_at_epoch(int(load_extras(ckpt, 0)["loader"]["epoch"]) + 1)
@@ -278,14 +278,15 @@ def restore(engine: Any, ckpt: Checkpoint, loader: Any) -> None:
     loader.load_state_dict(load_extras(ckpt, rank)["loader"])
 
 
-def restore_teachers(module: nn.Module, ckpt: Checkpoint) -> None:
-    if not teacher_state(module):
+def restore_outside_state(module: nn.Module, ckpt: Checkpoint) -> None:
+    if not keeps_outside_state(module):
         return
     path = ckpt.path / TEACHERS
     try:
-        load_teacher_state(module, torch.load(path, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, EOFError, KeyError) as exc:
-        raise CheckpointError(f"{path}: cannot restore the method's EMA teachers: {exc}") from None
+        load_outside_state(module, torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot restore the method's teachers and held state: {exc}"
+                              ) from None
 
 
 # ---- export -------------------------------------------------------------------------------------

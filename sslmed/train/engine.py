@@ -224,9 +224,10 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 
 def build_optimizer(module: torch.nn.Module, cfg: Config, offloaded: bool = False) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and other 1-D parameters (tokens, positions). When ZeRO
-    offloads the optimizer, its step runs on CPU partitions: DeepSpeed's vectorised CPU Adam in AdamW
-    mode (compiled on first use, prebuilt in docker/Dockerfile), which ZeRO-Offload requires."""
+    """AdamW (or SGD with momentum, `optim.optimizer: sgd`); no weight decay on biases, norms and other
+    1-D parameters (tokens, positions). When ZeRO offloads the optimizer, its step runs on CPU
+    partitions: DeepSpeed's vectorised CPU Adam in AdamW mode (compiled on first use, prebuilt in
+    docker/Dockerfile), which ZeRO-Offload requires."""
     decay, no_decay = [], []
     for _, param in sorted(module.named_parameters()):
         if param.requires_grad:
@@ -234,6 +235,11 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, offloaded: bool = Fals
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if cfg.optim.optimizer == "sgd":
+        if offloaded:
+            raise ConfigError("optim.optimizer: sgd cannot run with ZeRO-Offload, whose CPU optimizer is "
+                              "Adam: use adamw or leave offload_optimizer out of train.ds_config")
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     if offloaded:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

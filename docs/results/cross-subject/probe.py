@@ -1,4 +1,5 @@
-"""usage: probe.py CONFIG LABEL [encoder.safetensors|random] [feature_blocks] [override ...]"""
+"""usage: probe.py CONFIG LABEL [encoder.safetensors|random] [feature_blocks[,...]] [override ...]
+Rows (balanced accuracy mean±std over label-subset seeds per label fraction) appended to measurements.jsonl."""
 import sys, json, time, os, numpy as np, torch
 UNL, SUBJ = os.environ["TEMPLATES"], os.environ["SUBJECT"]  # packed template volumes, packed registered subject
 torch.set_num_threads(2)
@@ -34,6 +35,9 @@ same = demo.same_template_task(cfg, encs, tr)
 cross = demo.cross_subject_task(cfg, encs, tr, te)
 def ba(r, name, f): s = r["encoders"][name]["summary"][str(f)]["balanced_accuracy"]; return f"{s['mean']:.3f}±{s['std']:.3f}"
 for x in encs:
-    line = {"label": f"{label}-fb{x}", "cross10": ba(cross, x, 0.1), "cross100": ba(cross, x, 1.0), "same10": ba(same, x, 0.1),
-            "same100": ba(same, x, 1.0), "int_cross10": ba(cross, "intensity-only", 0.1), "sec": round(time.time() - t0)}
+    line = {"label": f"{label}-fb{x}"}
+    for f in cfg.eval.label_fractions:
+        line.update({f"cross{f * 100:g}": ba(cross, x, f), f"same{f * 100:g}": ba(same, x, f),
+                     f"int_cross{f * 100:g}": ba(cross, "intensity-only", f)})
+    line["sec"] = round(time.time() - t0)
     print(json.dumps(line)); open("measurements.jsonl", "a").write(json.dumps(line) + "\n")
