@@ -170,9 +170,10 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, config: str = "d
     return results
 
 
-def pack_volumes(out: Path, tags: Path | None = None) -> tuple[Path, Path]:
+def pack_volumes(out: Path, tags: Path | None = None, atlas_pool: bool = False) -> tuple[Path, Path]:
     """Steps 1 and 2: (pretraining pool, registered second subject) packed under `out`; `tags` (a CSV for
-    `sslmed pack --tags`) tags the pool's volumes."""
+    `sslmed pack --tags`) tags the pool's volumes; `atlas_pool` registers the pool to the template too
+    (for methods that sample an atlas grid)."""
     from sslmed.io.pack import pack
     from sslmed.io.synthetic import mni152_paths, write_itk_t1_brain
 
@@ -180,7 +181,7 @@ def pack_volumes(out: Path, tags: Path | None = None) -> tuple[Path, Path]:
     template = mni152_paths()[0]
     say(f"[1/5] packing the MNI152 2009 T1 template and tissue maps (nilearn) at 1 mm → {unlabeled}")
     pack([str(p) for p in mni152_paths()], str(unlabeled), fmt="wds", modality="mr", dtype="int16",
-         tags=tags)
+         tags=tags, atlas=str(template) if atlas_pool else None)
     say(f"[2/5] packing a second subject (ITK example T1) at 1 mm, registered to the template → {subject}")
     brain = write_itk_t1_brain(out / "volumes")
     summary = pack([str(brain)], str(subject), fmt="wds", spacing=SUBJECT_SPACING, modality="mr",

@@ -35,8 +35,9 @@ NORMAL_TAG = ("status", "normal")
 
 
 def method_config(name: str, family: str, out: Path, pool: Path, steps: int, micro_batch: int,
-                  fractions=FRACTIONS, seeds=SEEDS):
-    """`<name>-<family>` with the shared budget and the recipe's augmentation families."""
+                  fractions=FRACTIONS, seeds=SEEDS, extra: tuple[str, ...] = ()):
+    """`<name>-<family>` with the shared budget and the recipe's augmentation families (then `extra`
+    overrides)."""
     from sslmed.config import load_config
 
     families = load_config(RECIPE).data.augment_families
@@ -49,7 +50,7 @@ def method_config(name: str, family: str, out: Path, pool: Path, steps: int, mic
     if name == "residual":
         overrides += [f"method.normal_tag={'='.join(NORMAL_TAG)}",
                       f"method.stage1_steps={max(1, steps // 2)}"]
-    return load_config(f"{name}-{family}", overrides)
+    return load_config(f"{name}-{family}", [*overrides, *extra])
 
 
 def write_normal_tags(out: Path) -> Path:
@@ -77,7 +78,8 @@ def run_sweep_transfer(out: str | Path = "sweep-transfer-out", steps: int = 300,
         raise ConfigError(f"sweep-transfer: unknown methods {unknown} (known: {', '.join(REGISTERED)})")
     out = Path(out)
     started = time.perf_counter()
-    pool, subject = demo.pack_volumes(out, tags=write_normal_tags(out))
+    grid = any(REGISTERED[m].needs.grid for m in methods)  # an atlas-grid method needs a registered pool
+    pool, subject = demo.pack_volumes(out, tags=write_normal_tags(out), atlas_pool=grid)
     templates, subjects = open_dataset(pool), open_dataset(subject)
     t1_key = next(k for k in templates.keys if "_t1_" in k)
     per_roi = 1 if quick else CROPS_PER_ROI
