@@ -9,7 +9,7 @@ nearest grid points (ties by index) are its neighbours.
 
 The stream: the rank's worker stream of volumes (pipeline.volume_stream) is cut into *rounds* of
 `train.micro_batch` consecutive volumes. A round yields one batch per grid point present in at least
-one of its volumes, in a seeded order: the crops of that grid point in each volume of the round. A grid
+two of its volumes, in a seeded order: the crops of that grid point in each volume of the round. A grid
 point whose centre falls outside a subject's volume is counted (`grid_points` in the skip counter) and
 that subject is missing from its batch, which is then smaller. A stream's position is (its round's
 first volume, batches made before that round, its epoch bookmark); with the count of batches made,
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 NEIGHBOURS = 2  # the nearest grid points delivered with each crop (DrasCLR's neighbour term)
 PACK_WITH_ATLAS = "pack it with `sslmed pack --atlas TEMPLATE` (each volume registered to the template)"
+MIN_CROPS = 2  # crops per grid batch: one subject alone has nothing to be contrasted with
 
 GridMark = tuple[int, int, int, int]  # (epoch, epoch's first volume, round's first volume, batches before)
 
@@ -207,7 +208,8 @@ def stream_grid_batches(dataset: PackedDataset, cfg: Config, rank: int, world: i
         order = cutter.order(round_first // size, subjects)
         barren = 0 if len(order) else barren + 1
         if barren * size > 2 * len(dataset.keys):  # every volume twice over, and not one crop
-            raise DataError(f"{cfg.data.path}: no volume holds a point of the atlas grid (skipped so far: "
+            raise DataError(f"{cfg.data.path}: no {MIN_CROPS} volumes of a round of train.micro_batch "
+                            f"{size} hold a common point of the atlas grid (skipped so far: "
                             f"{skips.as_dict()}); {PACK_WITH_ATLAS}")
         for position, point in enumerate(order):
             made += 1
@@ -259,11 +261,16 @@ class GridCropper:
         return subjects
 
     def order(self, round_index: int, subjects: list[Subject]) -> np.ndarray:
-        """The round's grid points that some subject holds, in an order seeded by the round (not the
-        rank: ranks at the same round visit the same points in the same order)."""
-        present = np.zeros(self.grid.size, dtype=bool)
+        """The round's grid points that at least MIN_CROPS subjects hold, in an order seeded by the round
+        (not the rank: ranks at the same round visit the same points in the same order). A point only one
+        subject holds is counted with the outside points: a batch of one crop has no other subject to
+        contrast with, and batch normalisation cannot run on it."""
+        held = np.zeros(self.grid.size, dtype=int)
         for subject in subjects:
-            present |= subject.inside
+            held += subject.inside
+        present = held >= MIN_CROPS
+        for subject in subjects:
+            self.skips.outside(subject.key, int((subject.inside & ~present).sum()))
         rng = np.random.default_rng([self.seed, self.stream[1], round_index, 3])
         permutation = rng.permutation(self.grid.size)
         return permutation[present[permutation]]
