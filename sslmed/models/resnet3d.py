@@ -4,8 +4,9 @@
 blocks with BatchNorm) with its classifier removed; `forward_features` also returns the maps a U-Net
 decoder needs: the stem at 1/2 and the stages at 1/4, 1/8, 1/16 and 1/32 of the input, and with a mask
 zeroes the masked cells of every map at least as fine as the mask's grid (SparK's sparse encoding).
-`model.size=base` with the default depth is ResNet-18 with widths 64/128/256/512 (the CAE-residual paper's backbone, and
-the backbone its SimCLR/BYOL/SimSiam/SparK baselines share); `tiny`/`small` scale the widths down for CPUs.
+`model.size=base` with the default depth is ResNet-18 with widths 64/128/256/512 (the CAE-residual
+paper's backbone, and the backbone its SimCLR/BYOL/SimSiam/SparK baselines share); `tiny`/`small` scale
+the widths down for CPUs.
 """
 
 from __future__ import annotations
