@@ -106,10 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine")
-    demo.add_argument("--out", default="demo-out")
+    demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine; `demo anomaly`: "
+                          "CAE-residual SSL against its four baselines on crops with synthetic lesions")
+    demo.add_argument("which", nargs="?", choices=["anomaly"], help="anomaly: seed 001's comparison")
+    demo.add_argument("--out", help="output folder (default demo-out, or demo-anomaly-out)")
     demo.add_argument("--quick", action="store_true", help="smaller, for tests")
-    demo.add_argument("--config", default="demo", help="the pretraining config (e.g. brain-mri-cpu)")
+    demo.add_argument("--config", help="the pretraining config of the main demo (default demo; e.g. "
+                      "brain-mri-cpu)")
     return parser
 
 
@@ -175,10 +178,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return run_benchmark(args.name, args.args)
+    if args.command == "demo" and args.which == "anomaly":
+        from sslmed.demo_anomaly import run_anomaly_demo
+
+        if args.config:
+            raise SslmedError("sslmed demo anomaly pretrains its five methods from their *-resnet18 configs; "
+                              "--config belongs to the main demo")
+        run_anomaly_demo(args.out or "demo-anomaly-out", quick=args.quick)
+        return 0
     if args.command == "demo":
         from sslmed.demo import run_demo
 
-        run_demo(args.out, quick=args.quick, config=args.config)
+        run_demo(args.out or "demo-out", quick=args.quick, config=args.config or "demo")
         return 0
     raise AssertionError(args.command)
 
