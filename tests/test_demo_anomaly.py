@@ -72,7 +72,8 @@ def test_quick_anomaly_demo_reports_what_it_computed_on_lesions_where_the_labels
     means = {}
     for name in (RANDOM_INIT, *METHODS):
         report = json.loads((out / "eval" / name / "metrics.json").read_text())
-        assert report["positive_label"] == POSITIVE and report["mode"] == "finetune" and report["cv_folds"] == 2
+        assert report["positive_label"] == POSITIVE and report["mode"] == "finetune"
+        assert report["cv_folds"] == 2
         assert {r["label_fraction"] for r in report["runs"]} == set(FRACTIONS)
         means[name] = np.mean([r["metrics"]["auprc"] for r in report["runs"] if r["label_fraction"] == 0.1])
     best = max(means[m] for m in BASELINES)

@@ -76,7 +76,8 @@ def test_the_resnet18_configs_build_one_and_the_same_backbone() -> None:
     from sslmed.models.resnet3d import ResNet3D
 
     exports = {}
-    for name in ("simclr-resnet18", "byol-resnet18", "simsiam-resnet18", "spark-resnet18", "residual-resnet18"):
+    baselines = ("simclr-resnet18", "byol-resnet18", "simsiam-resnet18", "spark-resnet18")
+    for name in (*baselines, "residual-resnet18"):
         cfg = load_config(name)
         encoder = build_method(cfg).encoder()
         assert type(encoder) is ResNet3D and cfg.data.crop_size == 64
