@@ -7,7 +7,7 @@ PIP := $(BIN)/pip install -c constraints.txt
 # e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (PyPI's Linux wheel is CUDA).
 TORCH_INDEX ?=
 
-.PHONY: venv demo test bench bench-gpu lint clean
+.PHONY: venv demo demo-anomaly test bench bench-gpu lint clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: venv
 	$(BIN)/sslmed demo
+
+# seed 001's comparison (CAE-residual SSL vs SimCLR/BYOL/SimSiam/SparK) on crops with synthetic lesions
+demo-anomaly: venv
+	$(BIN)/sslmed demo anomaly
 
 test: venv
 	$(BIN)/python -m pytest -q -rs tests
@@ -41,4 +45,4 @@ lint: venv
 	$(BIN)/ruff check sslmed tests
 
 clean:
-	rm -rf $(VENV) demo-out runs
+	rm -rf $(VENV) demo-out demo-anomaly-out runs

@@ -106,13 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine; `demo "
-                          "sweep-transfer`: every method, same budget, on the cross-subject task")
-    demo.add_argument("which", nargs="?", choices=["sweep-transfer"],
-                      help="sweep-transfer: pretrain each method with one budget, probe across subjects")
-    demo.add_argument("--out", help="output folder (default demo-out, or sweep-transfer-out)")
+    demo = sub.add_parser("demo", help="the whole pipeline on real volumes, on this machine; `demo anomaly`: "
+                          "CAE-residual SSL against its four baselines on crops with synthetic lesions; "
+                          "`demo sweep-transfer`: every method, same budget, on the cross-subject task")
+    demo.add_argument("which", nargs="?", choices=["anomaly", "sweep-transfer"],
+                      help="anomaly: seed 001's comparison; sweep-transfer: pretrain each method with one "
+                           "budget, probe across subjects")
+    demo.add_argument("--out", help="output folder (default demo-out, demo-anomaly-out or "
+                      "sweep-transfer-out)")
     demo.add_argument("--quick", action="store_true", help="smaller, for tests")
-    demo.add_argument("--config", default="demo", help="the pretraining config (e.g. brain-mri-cpu)")
+    demo.add_argument("--config", help="the pretraining config of the main demo (default demo; e.g. "
+                      "brain-mri-cpu)")
     demo.add_argument("--steps", type=int, default=300, help="sweep-transfer: steps per method")
     demo.add_argument("--micro-batch", type=int, default=8, help="sweep-transfer: crops per step")
     demo.add_argument("--family", default="tiny", choices=["tiny", "base"],
@@ -189,10 +193,18 @@ def run(args: argparse.Namespace) -> int:
         run_sweep_transfer(args.out or "sweep-transfer-out", steps=args.steps, micro_batch=args.micro_batch,
                            family=args.family, methods=tuple(args.methods or METHODS), quick=args.quick)
         return 0
+    if args.command == "demo" and args.which == "anomaly":
+        from sslmed.demo_anomaly import run_anomaly_demo
+
+        if args.config:
+            raise SslmedError("sslmed demo anomaly pretrains its five methods from their *-resnet18 configs; "
+                              "--config belongs to the main demo")
+        run_anomaly_demo(args.out or "demo-anomaly-out", quick=args.quick)
+        return 0
     if args.command == "demo":
         from sslmed.demo import run_demo
 
-        run_demo(args.out or "demo-out", quick=args.quick, config=args.config)
+        run_demo(args.out or "demo-out", quick=args.quick, config=args.config or "demo")
         return 0
     raise AssertionError(args.command)
 

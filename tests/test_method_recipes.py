@@ -76,7 +76,8 @@ def test_the_resnet18_configs_build_one_and_the_same_backbone() -> None:
     from sslmed.models.resnet3d import ResNet3D
 
     exports = {}
-    for name in ("simclr-resnet18", "byol-resnet18", "simsiam-resnet18", "residual-resnet18"):
+    baselines = ("simclr-resnet18", "byol-resnet18", "simsiam-resnet18", "spark-resnet18")
+    for name in (*baselines, "residual-resnet18"):
         cfg = load_config(name)
         encoder = build_method(cfg).encoder()
         assert type(encoder) is ResNet3D and cfg.data.crop_size == 64
@@ -161,3 +162,97 @@ def test_the_contrastive_autoencoder_contrasts_the_dense_code_its_decoder_reads(
     # the exported encoder gives h: what the cluster evaluation reads
     path = export_encoder(method.encoder(), tmp_path / "cae.safetensors", {})
     assert torch.allclose(load_encoder(path)(x1), h1.detach(), atol=1e-5)
+
+
+# ---- SparK on the ResNet, and the residual method's separate labelled normal set ----------------------
+
+
+def test_spark_on_the_resnet_hides_masked_patches_from_the_maps_and_trains_every_stage() -> None:
+    from sslmed.methods.base import RNG
+    from sslmed.methods.losses import random_grid_mask
+
+    torch.manual_seed(7)
+    method = build_method(load_config("spark-resnet18", ["data.crop_size=32", "model.size=tiny",
+                                                         "model.patch_size=16"]))
+    image = smooth(2, 32)
+    visible, mask = random_grid_mask(image, 16, 0.6, torch.Generator().manual_seed(1))
+    hidden = torch.nn.functional.interpolate(1 - visible, size=(32,) * 3, mode="nearest").bool()
+    altered = torch.where(hidden, torch.randn_like(image), image)  # new content in masked patches only
+    same = method.backbone.forward_features(image, mask=visible)
+    other = method.backbone.forward_features(altered, mask=visible)
+    assert all(torch.equal(a, b) for a, b in zip(same, other, strict=True))
+    probe = torch.where(hidden, image, image + 1.0)  # a change where it is visible does reach the maps
+    assert not torch.equal(method.backbone.forward_features(probe, mask=visible)[-1], same[-1])
+    # the 1/32 stage is coarser than the 2³ mask grid: computed from masked maps, never zeroed whole
+    assert same[-1].abs().sum() > 0
+    loss, _ = method({"image": image, RNG: torch.Generator().manual_seed(1)})
+    loss.backward()
+    net = method.backbone.net  # every stage learns, the last one (never masked) included
+    for part in (net.conv1, net.layer1, net.layer2, net.layer3, net.layer4):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_spark_on_the_resnet_refuses_patches_that_straddle_cells() -> None:
+    with pytest.raises(ConfigError, match="power of two"):
+        build_method(load_config("spark-resnet18", ["data.crop_size=32", "model.size=tiny",
+                                                    "model.patch_size=12"]))
+
+
+def write_normal_set(tmp_path) -> tuple:
+    """A packed labelled set: two normal volumes (values < 0.5) and one anomalous (all 0.9)."""
+    import numpy as np
+
+    from sslmed.io.pack import pack
+
+    rng = np.random.default_rng(3)
+    volumes = {"n1": rng.uniform(0, 0.5, (36, 34, 33)), "n2": rng.uniform(0, 0.5, (30, 34, 32)),
+               "a1": np.full((34, 34, 34), 0.9)}
+    volumes["a1"][0, 0, 0] = 0.0  # not constant, or pack refuses it
+    rows = ["path,status"]
+    for name, array in volumes.items():
+        np.save(tmp_path / f"{name}.npy", array.astype(np.float32))
+        rows.append(f"{name}.npy,{'normal' if name.startswith('n') else 'anomalous'}")
+    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "labelled"
+    pack([str(tmp_path / f"{n}.npy") for n in volumes], out, tags=tmp_path / "tags.csv", modality="ct",
+         dtype="float16")
+    return out
+
+
+def test_residual_stage1_learns_from_the_separate_labelled_normal_set(tmp_path) -> None:
+    from sslmed.data.sources import open_dataset
+    from sslmed.errors import DataError
+
+    labelled = write_normal_set(tmp_path)
+    dataset = open_dataset(labelled)
+    normals = [dataset.read(k) for k in dataset.keys if dataset.meta(k)["tags"]["status"] == "normal"]
+    cfg = load_config("residual-tiny", ["method.stage1_steps=2", "method.cae_latent=8",
+                                        f"method.normal_data={labelled}"])
+    method = build_method(cfg)
+    size = cfg.data.crop_size
+    stream = torch.full((3, 1, size, size, size), float("nan"))  # the stream's batch is not read in stage 1
+    loss, logs = method({"image": stream, "tags": [{}, {}, {}]})
+    assert torch.isfinite(loss) and logs["normal_fraction"] == 1.0
+    crops = method.normal_batch(stream)
+    assert crops.shape == (3, 1, size, size, size)
+    for crop in crops[:, 0].numpy():  # each crop is a block of a normal volume (zero-padded beyond it)
+        assert crop.max() < 0.5 + 1e-3 and any(found_in(crop, v) for v in normals)
+    assert torch.equal(crops, method.normal_batch(stream))  # drawn from (seed, rank, step): reproducible
+    method.on_step_end(0, 2)
+    assert not torch.equal(crops, method.normal_batch(stream))
+    missing = build_method(load_config("residual-tiny", [f"method.normal_data={labelled}",
+                                                        "method.normal_tag=status=healthy"]))
+    with pytest.raises(DataError, match="no volume of .* is tagged status=healthy"):
+        missing({"image": stream, "tags": [{}, {}, {}]})
+
+
+def found_in(crop, volume) -> bool:
+    """Whether `crop` equals the block of `volume` at some offset, zero-padded past its far side."""
+    import numpy as np
+
+    size = crop.shape[0]
+    padded = np.pad(volume, [(0, size)] * 3)
+    return any(np.array_equal(crop, padded[i:i + size, j:j + size, k:k + size])
+               for i in range(max(volume.shape[0] - size, 0) + 1)
+               for j in range(max(volume.shape[1] - size, 0) + 1)
+               for k in range(max(volume.shape[2] - size, 0) + 1))

@@ -34,6 +34,7 @@ class Needs:
     views: int = 1  # 1: `image`; 2: `image` and `image2` (data.views)
     neighbours: bool = False  # `neighbour`, `neighbour_location` (data.neighbour)
     backbone: str = ""  # the model.arch it is built for; "": any backbone in BACKBONES
+    other_backbones: tuple[str, ...] = ()  # further model.arch values it is also built for
     location: bool = False  # reads `location` (every batch carries it)
     min_batch: int = 1  # train.micro_batch at least this (negatives, batch-normalised heads)
     grid: bool = False  # batches of one atlas grid point across subjects (data.sampling: atlas_grid)
@@ -99,8 +100,9 @@ def check_needs(method: type[Method], cfg: Config) -> None:
     """Each declared need against the data, model and train sections, one line naming the key to set."""
     needs, name = method.needs, method.name
     if needs.backbone:
-        require(cfg.model.arch == needs.backbone,
-                f"method '{name}' needs model.arch: {needs.backbone} (got '{cfg.model.arch}')")
+        allowed = (needs.backbone, *needs.other_backbones)
+        require(cfg.model.arch in allowed,
+                f"method '{name}' needs model.arch: {' or '.join(allowed)} (got '{cfg.model.arch}')")
     views = "two views" if needs.views == 2 else "one view"
     require(cfg.data.views == needs.views,
             f"method '{name}' reads {views} of each crop: set data.views: {needs.views}")

@@ -1,9 +1,13 @@
 """CAE-residual self-supervision (seed 001), both stages in one run, as the paper's authors build it.
 
 Stage 1 (`method.stage1_steps` steps): a small convolutional autoencoder with a dense bottleneck
-(`models.cae.ConvAutoencoder3D`, `method.cae_latent`-d code) learns, with an L1 loss, to reconstruct the
-normal samples only (those whose tags match `method.normal_tag`); samples of any other tag are ignored.
-Its tight code is the point: it fails on what it has not seen, anomalies.
+(`models.cae.ConvAutoencoder3D`, `method.cae_latent`-d code) learns, with an L1 loss, to reconstruct
+normal samples only. As the authors do it, these come from a labelled set separate from the unlabelled
+SSL pool: `method.normal_data`, a packed dataset whose volumes tagged `method.normal_tag` are read whole
+into memory (a labelled set is small) and cropped at random, the stream's batch being unused in stage 1.
+Without `method.normal_data` (the fallback), stage 1 learns from the stream's own samples whose tags
+match `method.normal_tag`, ignoring the others. Its tight code is the point: it fails on what it has
+not seen, anomalies.
 Stage 2: a frozen snapshot of the CAE turns every crop into the soft target
 `models.residual_target.residual_target` (|x − CAE(x)|, per-volume 1–99 % percentile rescale to [0, 1],
 3-D median filter of `method.median_kernel`), computed on the fly on the step's device, and a 3-D
@@ -18,11 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sslmed.config import Config, MethodSettings, setting
+from sslmed.errors import DataError
 from sslmed.methods.base import Method, Needs, frozen_copy, positive, require
 from sslmed.models import build_backbone
 from sslmed.models.cae import CAE_DOWNSAMPLE, ConvAutoencoder3D
@@ -46,6 +52,7 @@ class ResidualSettings(MethodSettings):
     stage1_steps: int = setting(0, positive, "> 0 (steps of autoencoder training on normal volumes "
                                              "before the residual stage)")
     normal_tag: str = "status=normal"  # tag=value marking normal volumes
+    normal_data: str = ""  # packed labelled set whose normal_tag volumes train stage 1 ("": the stream's)
     cae_latent: int = setting(512, positive, "> 0")  # the CAE's dense bottleneck (the paper: 512)
     median_kernel: int = setting(5, odd_positive, "odd and >= 1")  # the target's median filter (1: none)
 
@@ -70,6 +77,9 @@ class Residual(Method):
         s = self.settings
         self.normal_key, self.normal_value = parse_tag(s.normal_tag)
         self.stage1_steps, self.median_kernel = s.stage1_steps, s.median_kernel
+        self.crop_size, self.seed = cfg.data.crop_size, cfg.train.seed
+        # Read when stage 1 first needs it: exporting or resuming in stage 2 does not need the set.
+        self.normal_data, self.normal_volumes = s.normal_data, None
         channels = cfg.model.in_channels
         self.cae = ConvAutoencoder3D(cfg.data.crop_size, channels, s.cae_latent)
         self.unet = ResUNet3D(build_backbone(cfg), out_channels=channels)
@@ -97,6 +107,13 @@ class Residual(Method):
         return self.stage1(batch) if self.stage == 1 else self.stage2(batch)
 
     def stage1(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        if self.normal_data:
+            if self.normal_volumes is None:
+                tag = f"{self.normal_key}={self.normal_value}"
+                self.normal_volumes = load_normal_volumes(self.normal_data, tag)
+            x = self.normal_batch(batch["image"])
+            loss = F.l1_loss(self.cae(x), x)
+            return loss, {"loss_cae": loss.detach(), "normal_fraction": 1.0, "stage": 1.0}
         image = batch["image"]
         normal = [i for i, ok in enumerate(self.is_normal(batch["tags"])) if ok]  # tags live on the host
         fraction = len(normal) / len(image)
@@ -107,6 +124,15 @@ class Residual(Method):
         x = image.index_select(0, torch.tensor(normal).to(image.device, non_blocking=True))
         loss = F.l1_loss(self.cae(x), x)
         return loss, {"loss_cae": loss.detach(), "normal_fraction": fraction, "stage": 1.0}
+
+    def normal_batch(self, like: torch.Tensor) -> torch.Tensor:
+        """As many random crops of the labelled normal volumes as `like` holds, drawn on the host from
+        (seed, rank, step) so that a resumed run draws what the uninterrupted one would have."""
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = np.random.default_rng((self.seed, rank, self.host_steps))
+        picks = rng.integers(len(self.normal_volumes), size=len(like))
+        crops = np.stack([random_crop(self.normal_volumes[i], self.crop_size, rng) for i in picks])
+        return torch.from_numpy(crops).unsqueeze(1).to(like.device, like.dtype, non_blocking=True)
 
     def target(self, image: torch.Tensor) -> torch.Tensor:
         """The soft residual target in [0, 1] from the frozen CAE (in eval mode: BatchNorm's running
@@ -127,3 +153,26 @@ class Residual(Method):
         if self.host_steps == self.stage1_steps:
             with torch.no_grad():
                 self.frozen_cae.load_state_dict(self.cae.state_dict())
+
+
+def load_normal_volumes(path: str, tag: str) -> list[np.ndarray]:
+    """Every volume of the packed dataset at `path` tagged `tag` (key=value), as float32 arrays."""
+    from sslmed.data.sources import open_dataset
+
+    key, value = parse_tag(tag)
+    try:
+        dataset = open_dataset(path)
+    except DataError as exc:
+        raise DataError(f"method.normal_data: {exc}") from None
+    chosen = [k for k in dataset.keys if str(dataset.meta(k).get("tags", {}).get(key)) == value]
+    if not chosen:
+        raise DataError(f"method.normal_data: no volume of {path} is tagged {key}={value} "
+                        "(method.normal_tag)")
+    return [dataset.read(k).astype(np.float32) for k in chosen]
+
+
+def random_crop(volume: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A `size`³ crop at a random place of `volume`, zero-padded at the far side where it is smaller."""
+    start = [int(rng.integers(max(s - size, 0) + 1)) for s in volume.shape]
+    crop = volume[tuple(slice(a, a + size) for a in start)]
+    return np.pad(crop, [(0, size - c) for c in crop.shape])

@@ -2,9 +2,11 @@
 
 `ResNet3D` is `monai.networks.nets.ResNet` (7³ stride-2 stem, 3³ stride-2 max-pool, four stages of basic
 blocks with BatchNorm) with its classifier removed; `forward_features` also returns the maps a U-Net
-decoder needs: the stem at 1/2 and the stages at 1/4, 1/8, 1/16 and 1/32 of the input. `model.size=base`
-with the default depth is ResNet-18 with widths 64/128/256/512 (the CAE-residual paper's backbone, and
-the backbone its SimCLR/BYOL/SimSiam/SparK baselines share); `tiny`/`small` scale the widths down for CPUs.
+decoder needs: the stem at 1/2 and the stages at 1/4, 1/8, 1/16 and 1/32 of the input, and with a mask
+zeroes the masked cells of every map at least as fine as the mask's grid (SparK's sparse encoding).
+`model.size=base` with the default depth is ResNet-18 with widths 64/128/256/512 (the CAE-residual
+paper's backbone, and the backbone its SimCLR/BYOL/SimSiam/SparK baselines share); `tiny`/`small` scale
+the widths down for CPUs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sslmed.errors import ConfigError
-from sslmed.models.cnn3d import CNNDecoder
+from sslmed.models.cnn3d import CNNDecoder, resize_mask
 
 RESNET_WIDTHS = {"tiny": 16, "small": 32, "base": 64}  # first-stage width; doubled per stage
 RESNET_LAYERS = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}  # basic blocks per stage
@@ -49,22 +51,38 @@ class ResNet3D(nn.Module):
         return {"arch": "resnet3d", "kwargs": {"size": self.size, "in_channels": self.in_channels,
                                                "dim": self.dim, "depth": self.depth}}
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[stem (1/2), stage 1 (1/4), stage 2 (1/8), stage 3 (1/16), stage 4 (1/32)]."""
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """[stem (1/2), stage 1 (1/4), stage 2 (1/8), stage 3 (1/16), stage 4 (1/32)]. With `mask`
+        (B, 1, d, h, w; 1 = visible) the input and every map whose grid is at least as fine as the mask's
+        have their masked cells zeroed (`visible_at`); coarser maps are computed from those zeroed maps
+        only, so no masked content reaches them either."""
         if x.dim() != 5 or any(s % RESNET_DOWNSAMPLE for s in x.shape[2:]):
             raise ConfigError(f"ResNet input of shape {tuple(x.shape)}: expected (B, C, D, H, W) with sides "
                               f"that are multiples of {RESNET_DOWNSAMPLE}")
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            visible = None if mask is None else visible_at(mask, t.shape[2:])
+            return t if visible is None else t * visible
+
         net = self.net
-        stem = net.act(net.bn1(net.conv1(x)))
+        stem = keep(net.act(net.bn1(net.conv1(keep(x)))))
         features, x = [stem], net.maxpool(stem)
         for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
-            x = checkpoint(stage, x, use_reentrant=False) if self.checkpointing and torch.is_grad_enabled() \
-                else stage(x)
+            recompute = self.checkpointing and torch.is_grad_enabled()
+            x = keep(checkpoint(stage, x, use_reentrant=False) if recompute else stage(x))
             features.append(x)
         return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[-1].mean(dim=(2, 3, 4))
+
+
+def visible_at(mask: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor | None:
+    """The 1=visible mask on a map of `size`, or None when that map is coarser than the mask's grid (a
+    cell there would straddle visible and masked patches, so it stays as computed)."""
+    if any(s < m for s, m in zip(size, mask.shape[2:], strict=True)):
+        return None
+    return resize_mask(mask, size)
 
 
 class ResUNet3D(nn.Module):
