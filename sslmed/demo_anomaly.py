@@ -60,8 +60,8 @@ class Budget:
     seeds: tuple[int, ...]  # fine-tuning seeds
 
 
-FULL = Budget(cae_places=96, pool_places=256, labelled_places=40, steps=60, batch=16, cae_steps=60,
-              epochs=12, cv_folds=2, seeds=(0, 1))
+FULL = Budget(cae_places=192, pool_places=512, labelled_places=80, steps=300, batch=16, cae_steps=300,
+              epochs=12, cv_folds=2, seeds=(0, 1, 2))
 QUICK = Budget(cae_places=4, pool_places=8, labelled_places=8, steps=2, batch=4, cae_steps=1, epochs=1,
                cv_folds=2, seeds=(0,))
 
