@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from sslmed.bench.register import known_move
 from sslmed.data.sources import open_dataset
 from sslmed.data.stages import location
 from sslmed.errors import VolumeError
@@ -17,26 +18,9 @@ from sslmed.io.register import check_plausible, to_sitk
 from sslmed.io.synthetic import itk_t1_path
 
 
-def known_transform(centre: np.ndarray) -> np.ndarray:
-    """Template world → moved world: about `centre`, 8° about z, 5° about x, 6 % larger, then shifted by
-    (7, −5, 4) mm."""
-    def rotation(axis: int, degrees: float) -> np.ndarray:
-        a = np.deg2rad(degrees)
-        i, j = [k for k in range(3) if k != axis]
-        r = np.eye(3)
-        r[i, i] = r[j, j] = np.cos(a)
-        r[i, j], r[j, i] = -np.sin(a), np.sin(a)
-        return r
-
-    out = np.eye(4)
-    out[:3, :3] = 1.06 * rotation(2, 8.0) @ rotation(0, 5.0)
-    out[:3, 3] = centre + np.array([7.0, -5.0, 4.0]) - out[:3, :3] @ centre
-    return out
-
-
 @pytest.fixture(scope="module")
 def template_and_moved(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
-    """The real T1 as the template, and the same head moved by `known_transform` onto a new 2 mm grid."""
+    """The real T1 as the template, and the same head moved by `known_move` onto a new 2 mm grid."""
     import SimpleITK as sitk
 
     folder = tmp_path_factory.mktemp("register")
@@ -49,7 +33,7 @@ def template_and_moved(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     moved_affine = np.diag([2.0, 2.0, 2.0, 1.0])
     moved_affine[:3, 3] = centre - 2.0 * (grid_shape - 1) / 2  # a grid centred on the head
     grid = to_sitk(np.zeros(grid_shape, np.float32), moved_affine)
-    transform = known_transform(centre)
+    transform = known_move(centre)
     # Resample pulls each output point p from the input at map(p): moved(p) = template(T⁻¹ p)
     inverse = np.linalg.inv(transform)
     pull = sitk.AffineTransform(inverse[:3, :3].ravel().tolist(), inverse[:3, 3].tolist())

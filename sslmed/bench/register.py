@@ -38,13 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    a = np.deg2rad(degrees)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = np.cos(a)
-    r[i, j], r[j, i] = -np.sin(a), np.sin(a)
-    return r
+def known_move(centre: np.ndarray) -> np.ndarray:
+    """Template world → moved world: about `centre`, 5° about x then 8° about z, 6 % larger, then shifted
+    by (7, −5, 4) mm."""
+    from scipy.spatial.transform import Rotation
+
+    move = np.eye(4)
+    move[:3, :3] = 1.06 * Rotation.from_euler("xz", [5.0, 8.0], degrees=True).as_matrix()
+    move[:3, 3] = centre + np.array([7.0, -5.0, 4.0]) - move[:3, :3] @ centre
+    return move
 
 
 def known_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -58,9 +60,7 @@ def known_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.nda
     source = nib.load(str(itk_t1_path()))
     template = np.asarray(source.dataobj, dtype=np.float32)
     centre = (source.affine @ np.append((np.asarray(source.shape) - 1) / 2, 1.0))[:3]
-    move = np.eye(4)
-    move[:3, :3] = 1.06 * rotation(2, 8.0) @ rotation(0, 5.0)
-    move[:3, 3] = centre + np.array([7.0, -5.0, 4.0]) - move[:3, :3] @ centre
+    move = known_move(centre)
     grid_shape = np.array([140, 140, 110])
     moved_affine = np.diag([2.0, 2.0, 2.0, 1.0])
     moved_affine[:3, 3] = centre - 2.0 * (grid_shape - 1) / 2
