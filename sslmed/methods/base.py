@@ -244,11 +244,16 @@ class EMATeacher:
 HELD = "held."  # key prefix of a method's held state in `outside_state`
 
 
+def teachers_of(module: nn.Module) -> dict[str, EMATeacher]:
+    """A method's EMA teachers; none for any other module."""
+    return module.teachers() if hasattr(module, "teachers") else {}
+
+
 def outside_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """What `module` keeps outside the engine, on the host: every EMA teacher in float32 under
     `teacher.<attribute>.<tensor>`, and the method's held state (`Method.held_state`) under
     `held.<name>`. The same on every rank."""
-    teachers = module.teachers() if hasattr(module, "teachers") else {}
+    teachers = teachers_of(module)
     state = {f"teacher.{attr}.{k}": v for attr, t in teachers.items() for k, v in t.state_dict().items()}
     held = module.held_state() if hasattr(module, "held_state") else {}
     state.update({f"{HELD}{k}": v.detach().to("cpu").clone() for k, v in held.items()})
@@ -257,13 +262,13 @@ def outside_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def keeps_outside_state(module: nn.Module) -> bool:
     """Whether `module` has teachers or held state (without copying them, as `outside_state` does)."""
-    teachers = module.teachers() if hasattr(module, "teachers") else {}
+    teachers = teachers_of(module)
     return bool(teachers) or bool(module.held_state() if hasattr(module, "held_state") else {})
 
 
 def load_outside_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of `outside_state`; every teacher and the held state must be found, whole."""
-    teachers = module.teachers() if hasattr(module, "teachers") else {}
+    teachers = teachers_of(module)
     for attr, teacher in teachers.items():
         prefix = f"teacher.{attr}."
         teacher.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
