@@ -44,6 +44,9 @@ class DataConfig:
     augment_on: Literal["device", "loader"] = "device"  # batched on the training device, or MONAI per crop
     augment_families: list[str] = field(  # which families augment (sslmed/data/augment.py FAMILIES)
         default_factory=lambda: ["flip", "affine", "intensity", "gamma", "bias_field", "blur", "noise"])
+    # per-family probabilities and ranges over sslmed/data/augment.py's `Ranges` defaults, e.g.
+    # {blur_prob: 0.5, blur_sigma: [0.25, 1.5]}
+    augment_ranges: dict[str, Any] = field(default_factory=dict)
     shuffle_buffer: int = 64  # samples held for in-memory shuffling
     workers: int = 2  # DataLoader worker processes per rank
     strict: bool = False  # raise on a corrupt shard instead of counting and skipping it
@@ -221,6 +224,9 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from sslmed.data.augment import ranges_of  # the data layer owns the ranges and their rules
+
+        ranges_of(self.data)
         for key in settings_fields(self.method):
             check_range(self.method, key, getattr(self.method, key), "config")
         self.method.check()

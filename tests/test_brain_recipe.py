@@ -12,7 +12,7 @@ import torch
 import sslmed
 from sslmed.cli import main
 from sslmed.config import load_config
-from sslmed.data.augment import FAMILIES, augment, draw, ranges_for
+from sslmed.data.augment import DEFAULT, FAMILIES, augment, draw, ranges_for, ranges_of
 from sslmed.data.stages import augmentation
 from sslmed.errors import ConfigError
 from sslmed.models.vit3d import ViT3D
@@ -30,6 +30,35 @@ def test_augmentation_families_switch_off_every_family_they_do_not_name():
         [0.0] * 7
     with pytest.raises(ConfigError, match="unknown.*mirror"):
         ranges_for(["mirror"])
+
+
+def test_augment_ranges_override_the_defaults_on_both_paths():
+    """`data.augment_ranges` reaches the device's draws and the loader's MONAI transforms alike; the
+    families it does not name keep their defaults, and a family switched off stays off."""
+    cfg = load_config("brain-mri-cpu", ["data.augment_ranges={blur_prob: 1.0, blur_sigma: [1.5, 1.5], "
+                                        "noise_std: 0.2, flip_prob: 1.0}"])
+    ranges = ranges_of(cfg.data)
+    assert (ranges.blur_prob, ranges.blur_sigma, ranges.noise_std) == (1.0, (1.5, 1.5), 0.2)
+    assert ranges.flip_prob == 0.0  # `flip` is not among the recipe's families
+    assert ranges.rotate == DEFAULT.rotate and ranges.gamma == DEFAULT.gamma
+    params = draw(64, torch.Generator().manual_seed(0), ranges)
+    assert bool(params["blur_on"].all()) and bool((params["sigma"] == 1.5).all())
+    assert float(params["noise_std"].max()) > DEFAULT.noise_std
+    smooth = next(t for t in augmentation(ranges).transforms if type(t).__name__ == "RandGaussianSmooth")
+    assert smooth.prob == 1.0 and tuple(smooth.sigma_x) == (1.5, 1.5)
+
+
+@pytest.mark.parametrize("ranges, message", [
+    ("{blur_prob: 1.5}", "blur_prob must be a probability"),
+    ("{blurr: 1}", "unknown 'blurr'"),
+    ("{blur_sigma: [2, 1]}", "low <= high"),
+    ("{gamma: 0.5}", "a pair"),
+    ("{noise_std: -1}", "noise_std must be a finite number >= 0"),
+    ("{bias_degree: 2.5}", "bias_degree must be an integer"),
+])
+def test_bad_augment_ranges_are_refused_when_the_config_loads(ranges, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("brain-mri-cpu", [f"data.augment_ranges={ranges}"])
 
 
 def test_without_flips_a_crop_is_never_mirrored():

@@ -16,8 +16,11 @@ reproduces it bit for bit, with no state saved.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +66,52 @@ DEFAULT = Ranges()
 FAMILIES = {"flip": ("flip_prob",), "affine": ("affine_prob",),
             "intensity": ("intensity_scale_prob", "shift_prob"), "gamma": ("gamma_prob",),
             "bias_field": ("bias_prob",), "blur": ("blur_prob",), "noise": ("noise_prob",)}
+
+
+def configured_ranges(overrides: dict[str, Any], base: Ranges = DEFAULT) -> Ranges:
+    """`base` with `data.augment_ranges` applied: probabilities in [0, 1], magnitudes >= 0, (low, high)
+    pairs with low <= high; anything else is a ConfigError naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(Ranges)}
+    values = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ConfigError(f"data.augment_ranges: unknown '{key}' (known: {', '.join(fields)})")
+        values[key] = _checked_range(key, value, fields[key].type)
+    return dataclasses.replace(base, **values)
+
+
+def _checked_range(key: str, value: Any, hint: str) -> Any:
+    def fail(rule: str) -> typing.NoReturn:
+        raise ConfigError(f"data.augment_ranges.{key} must be {rule}, got {value!r}")
+
+    def number(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            fail("a finite number >= 0" if "tuple" not in hint else "a pair [low, high] of numbers >= 0")
+        return float(v)
+
+    if "tuple" in hint:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            fail("a pair [low, high]")
+        low, high = (value[0], value[1]) if key == "bias_coeff" else (number(value[0]), number(value[1]))
+        if key == "bias_coeff" and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+            fail("a pair [low, high] of numbers")
+        if low > high:
+            fail("a pair with low <= high")
+        return (float(low), float(high))
+    if hint == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
+            fail("an integer from 0 to 5")
+        return value
+    checked = number(value)
+    if key.endswith("_prob") and checked > 1:
+        fail("a probability in [0, 1]")
+    return checked
+
+
+def ranges_of(data: Any) -> Ranges:
+    """The ranges a `data:` config section asks for: its `augment_ranges` over the defaults, with the
+    families it does not name switched off."""
+    return ranges_for(data.augment_families, configured_ranges(data.augment_ranges))
 
 
 def ranges_for(families: Sequence[str], base: Ranges = DEFAULT) -> Ranges:
@@ -300,7 +349,7 @@ def prepare(batch: dict, cfg: Config, rank: int, step: int, device: torch.device
     # drawn on the device. Both generators are seeded by the step's position.
     host = rng.step_generator(cfg.train.seed, rank, step, "cpu", rng.AUGMENT, micro_step)
     generator = rng.step_generator(cfg.train.seed, rank, step, device, rng.AUGMENT, micro_step)
-    ranges = ranges_for(cfg.data.augment_families)
+    ranges = ranges_of(cfg.data)
     for view in VIEWS:
         if view in batch:
             batch[view] = augment(batch[view], draw(batch[view].shape[0], host, ranges), generator, ranges)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sslmed.config import Config, DataConfig
-from sslmed.data.augment import ranges_for
+from sslmed.data.augment import ranges_of
 from sslmed.data.sources import PackedDataset, SkipCounter, StoredVolume
 from sslmed.data.stages import augmentation, collate, cut_view
 from sslmed.errors import DataError
@@ -240,7 +240,7 @@ class GridCropper:
     def __init__(self, data: DataConfig, grid: Grid, seed: int, stream: tuple[int, int], skips: SkipCounter):
         self.data, self.grid, self.seed, self.stream, self.skips = data, grid, seed, stream, skips
         loader_side = data.augment and data.augment_on == "loader"
-        self.augment = augmentation(ranges_for(data.augment_families)) if loader_side else None
+        self.augment = augmentation(ranges_of(data)) if loader_side else None
 
     def load(self, items) -> list[Subject]:
         subjects = []

@@ -27,7 +27,7 @@ from monai.transforms import (
 
 from sslmed.config import DataConfig
 from sslmed.data.augment import DEFAULT as DEFAULT_AUGMENTATION
-from sslmed.data.augment import Ranges, ranges_for
+from sslmed.data.augment import Ranges, ranges_of
 from sslmed.data.roi import load_roi_centres, roi_centre
 from sslmed.data.sources import Sample, SkipCounter, StoredVolume
 from sslmed.io.register import atlas_location
@@ -101,7 +101,7 @@ class Cropper:
         self.cfg, self.seed, self.stream, self.skips = cfg, seed, stream, skips
         # on the training device the loader leaves crops as stored; sslmed.data.augment converts them there
         loader_side = cfg.augment and cfg.augment_on == "loader"
-        self.augment = augmentation(ranges_for(cfg.augment_families)) if loader_side else None
+        self.augment = augmentation(ranges_of(cfg)) if loader_side else None
         self.view_shift = max(1, cfg.crop_size // 8)
         self.rois = load_roi_centres(cfg.roi_centres) if cfg.roi_centres else None
 
