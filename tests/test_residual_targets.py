@@ -20,9 +20,11 @@ from sslmed.config import load_config
 from sslmed.data import augment
 from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import open_dataset
+from sslmed.errors import DataError
 from sslmed.io.manifest import load_manifest, verify
 from sslmed.io.pack import Ledger, new_manifest, open_writer
 from sslmed.lock import DirectoryLock
+from sslmed.methods import build_method
 from sslmed.models.residual_target import residual_target
 from sslmed.train.checkpoint import load_run_method
 
@@ -223,3 +225,17 @@ def test_refusals_are_one_line(setup, tmp_path, capsys):
     assert not (tmp_path / "o4").exists()
     refused(["pretrain", "residual-tiny", f"data.path={root / 'packed-wds'}", f"run.dir={tmp_path / 'r'}",
              "method.targets=precomputed", *SMALL], "needs a dataset of residual targets")
+
+
+def test_precomputed_and_on_the_fly_give_the_same_loss_for_the_same_target():
+    common = ["data.crop_size=32", "method.stage1_steps=1"]
+    on_the_fly = build_method(load_config("residual-tiny", common))
+    precomputed = build_method(load_config("residual-tiny", [*common, "method.targets=precomputed"]))
+    precomputed.unet.load_state_dict(on_the_fly.unet.state_dict())
+    on_the_fly.on_step_end(0, 1)  # stage 2
+    image = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = residual_target(image, on_the_fly.frozen_cae.eval()(image), kernel_size=3)
+    assert torch.equal(precomputed({"image": image, "target": target})[0], on_the_fly({"image": image})[0])
+    with pytest.raises(DataError, match="reads each crop's target"):
+        precomputed({"image": image})

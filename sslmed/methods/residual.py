@@ -98,9 +98,10 @@ class Residual(Method):
         # Read when stage 1 first needs it: exporting or resuming in stage 2 does not need the set.
         self.normal_data, self.normal_volumes = s.normal_data, None
         channels = cfg.model.in_channels
-        self.unet = ResUNet3D(build_backbone(cfg), out_channels=channels)
         if not self.precomputed:
             self.cae = ConvAutoencoder3D(cfg.data.crop_size, channels, s.cae_latent)
+        self.unet = ResUNet3D(build_backbone(cfg), out_channels=channels)
+        if not self.precomputed:
             # Stage 2 reads this snapshot, taken when stage 1 ends: it is outside the optimizer, so the
             # optimizer's momentum and weight decay cannot move the CAE that defines the targets.
             self.frozen_cae = frozen_copy(self.cae)
