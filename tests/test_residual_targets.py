@@ -145,10 +145,11 @@ def half_image(setup, tmp_path_factory) -> Path:
     return out
 
 
-def streamed(data: Path, augment_on: str, families: str, steps: int = 3) -> list[dict]:
+def streamed(data: Path, augment_on: str, families: str, steps: int = 3, *extra: str) -> list[dict]:
     cfg = load_config("residual-tiny", [f"data.path={data}", "method.targets=precomputed", *SMALL,
                                         "data.augment=true", f"data.augment_on={augment_on}",
-                                        f"data.augment_families={families}", "data.crops_per_volume=3"])
+                                        f"data.augment_families={families}", "data.crops_per_volume=3",
+                                        *extra])
     loader = build_loader(cfg)
     out = []
     for step, batch in zip(range(steps), loader, strict=False):
@@ -239,3 +240,10 @@ def test_precomputed_and_on_the_fly_give_the_same_loss_for_the_same_target():
     assert torch.equal(precomputed({"image": image, "target": target})[0], on_the_fly({"image": image})[0])
     with pytest.raises(DataError, match="reads each crop's target"):
         precomputed({"image": image})
+
+
+def test_targets_stream_from_a_shard_url_as_from_the_directory(half_image):
+    url = f"data.shard_url={half_image}/{{shard}}"
+    for local, remote in zip(streamed(half_image, "device", "[flip,affine]"),
+                             streamed(half_image, "device", "[flip,affine]", 3, url), strict=True):
+        assert torch.equal(local["target"], remote["target"]) and torch.equal(local["image"], remote["image"])
