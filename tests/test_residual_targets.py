@@ -123,24 +123,30 @@ def test_verify_names_a_damaged_target(setup, tmp_path):
     assert problems and all(entry["target"]["path"] in p or entry["path"] in p for p in problems)
 
 
-@pytest.fixture(scope="module")
-def half_image(setup, tmp_path_factory) -> Path:
+def write_half_image(packed: Path, out: Path, fmt: str = "wds", without_target: str = "") -> Path:
     """A dataset whose target is exactly half the image (float32: bilinear resampling and flips commute
-    with a power-of-two scale bit for bit), written by pack's own writer."""
-    out = tmp_path_factory.mktemp("half") / "derived"
-    source = open_dataset(setup["root"] / "packed-wds")
-    manifest = new_manifest("wds", "zstd", load_manifest(setup["root"] / "packed-wds")["preprocessing"])
+    with a power-of-two scale bit for bit), written by pack's own writer; `without_target` names a
+    sample written without one."""
+    source = open_dataset(packed)
+    manifest = new_manifest(fmt, "zstd", load_manifest(packed)["preprocessing"])
     manifest["target"] = {"kind": "half-image"}
     with DirectoryLock(out, "test"):
         ledger = Ledger(out, manifest)
-        writer = open_writer(out, {"fmt": "wds", "codec": "zstd", "shard_size": 1e9, "chunk": 64},
+        writer = open_writer(out, {"fmt": fmt, "codec": "zstd", "shard_size": 1e9, "chunk": 64},
                              ledger.entries, ledger.commit)
         for key in source.keys:
             volume = source.volume(key)
-            writer.add(key, key, np.asarray(volume.array), {**source.meta(key), "target_dtype": "float32"},
-                       (volume.read() * 0.5).astype(np.float32))
+            half = None if key == without_target else (volume.read() * 0.5).astype(np.float32)
+            meta = {**source.meta(key), "target_dtype": "float32"}
+            writer.add(key, key, np.asarray(volume.array), meta, half)
         writer.finish()
         ledger.commit()
+    return out
+
+
+@pytest.fixture(scope="module")
+def half_image(setup, tmp_path_factory) -> Path:
+    out = write_half_image(setup["root"] / "packed-wds", tmp_path_factory.mktemp("half") / "derived")
     assert verify(out) == []
     return out
 
@@ -247,3 +253,17 @@ def test_targets_stream_from_a_shard_url_as_from_the_directory(half_image):
     for local, remote in zip(streamed(half_image, "device", "[flip,affine]"),
                              streamed(half_image, "device", "[flip,affine]", 3, url), strict=True):
         assert torch.equal(local["target"], remote["target"]) and torch.equal(local["image"], remote["image"])
+
+
+@pytest.mark.parametrize("fmt", ["wds", "zarr"])
+def test_a_sample_without_its_target_is_a_counted_skip(setup, tmp_path, fmt):
+    packed = setup["root"] / f"packed-{fmt}"
+    missing = open_dataset(packed).keys[0]
+    out = write_half_image(packed, tmp_path / "derived", fmt, without_target=missing)
+    assert any("no target" in problem for problem in verify(out))
+    cfg = load_config("residual-tiny", [f"data.path={out}", "method.targets=precomputed", *SMALL])
+    loader = build_loader(cfg)
+    batches = [batch for _, batch in zip(range(4), loader, strict=False)]
+    assert loader.skipped["samples"] >= 1
+    assert all("target" in batch and missing not in batch["key"] for batch in batches)
+    loader.close()

@@ -37,6 +37,7 @@ from sslmed.io.format import (
     read_span,
     tar_sample,
     tar_samples,
+    target_encoding,
     target_member,
     target_meta,
     to_float,
@@ -212,6 +213,7 @@ class TarDataset:
         self._shard_of = {key: shard["path"] for shard in self.shards for key in shard.get("keys", [])}
         self.keys = list(self._shard_of)
         self._spans: dict[str, dict[str, dict[str, Span]]] = {}  # shard → key → member spans
+        self.targets = TARGET in manifest  # a derived dataset: every sample must carry its target
         self._last: tuple[str, StoredVolume] | None = None
 
     # random access
@@ -296,6 +298,8 @@ class TarDataset:
             meta, suffix, span = tar_sample(path, spans)
             if target_member(spans):
                 target_meta(meta)  # a bad target_dtype is a corrupt sample, met before any decoding
+            elif self.targets:
+                raise ValueError("no target member, though the manifest describes a dataset of targets")
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             skips.sample(f"{path}:{key}", str(exc))
             return None
@@ -343,26 +347,26 @@ class StreamedTarDataset(TarDataset):
             return
         skips.shortfall(url, read, self._entry[unit].get("samples"))
 
-    @staticmethod
-    def _parse_members(url: str, members: dict, skips: SkipCounter) -> Sample | None:
+    def _parse_members(self, url: str, members: dict, skips: SkipCounter) -> Sample | None:
         key = members["__key__"]
         try:
             suffix = volume_member(members)
             meta = check_meta(json.loads(members[META_EXTENSION]))
             payload = members[suffix]
             check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload), meta)
-            target_suffix = target_member(members)
-            target_payload = members[target_suffix] if target_suffix else None
-            if target_suffix:
-                target_suffix = target_suffix.removeprefix(f"{TARGET}.")
-                check_payload(target_suffix, target_payload[:NPY_HEADER_LIMIT], len(target_payload),
+            member = target_member(members)
+            if self.targets and member is None:
+                raise ValueError("no target member, though the manifest describes a dataset of targets")
+            target_payload = members[member] if member else None
+            if member:
+                check_payload(target_encoding(member), target_payload[:NPY_HEADER_LIMIT], len(target_payload),
                               target_meta(meta))
         except ValueError as exc:
             skips.sample(f"{url}:{key}", str(exc))
             return None
 
         def load() -> StoredVolume:
-            target = decode_volume(target_suffix, target_payload) if target_suffix else None
+            target = decode_volume(target_encoding(member), target_payload) if member else None
             return volume_from_meta(decode_volume(suffix, payload), meta, target)
 
         return Sample(key, meta, load)
@@ -410,6 +414,7 @@ class ZarrDataset:
         self.keys = [entry["key"] for entry in manifest.get("arrays", [])]
         self.units = list(self.keys)
         self._entry = {entry["key"]: entry for entry in manifest.get("arrays", [])}
+        self.targets = TARGET in manifest  # a derived dataset: every sample must carry its target
         self._group = self._targets = None
         self._last: tuple[str, StoredVolume] | None = None
 
@@ -467,6 +472,8 @@ class ZarrDataset:
             array = self._array(unit)
             meta = check_meta(dict(array.attrs.get("sslmed", {})))
             target = self._target(unit)
+            if self.targets and target is None:
+                raise ValueError("no target, though the manifest describes a dataset of targets")
             entries = [self._entry[unit], *([self._entry[unit][TARGET]] if target is not None else [])]
             for entry in entries:
                 missing = missing_files(self.root / entry["path"], entry.get("files", []))

@@ -49,12 +49,11 @@ def is_shard_name(name: object) -> bool:
     return isinstance(name, str) and SHARD_NAME.fullmatch(name) is not None
 
 
-def is_array_path(path: object, store: str = ZARR_STORE) -> bool:
-    """True only for `<store>/<key>` (volumes.zarr, or targets.zarr for targets) with a key of the
-    format's own alphabet (no `..`, no `/`)."""
-    if not isinstance(path, str) or not path.startswith(f"{store}/"):
+def is_array_path(path: object) -> bool:
+    """True only for `volumes.zarr/<key>` with a key of the format's own alphabet (no `..`, no `/`)."""
+    if not isinstance(path, str) or not path.startswith(f"{ZARR_STORE}/"):
         return False
-    return KEY.fullmatch(path[len(store) + 1:]) is not None
+    return KEY.fullmatch(path[len(ZARR_STORE) + 1:]) is not None
 
 
 def encode_volume(array: np.ndarray, codec: str) -> tuple[str, bytes]:
@@ -207,6 +206,11 @@ def target_member(members: Iterable[str]) -> str | None:
     return next((e for e in TARGET_EXTENSIONS if e in names), None)
 
 
+def target_encoding(member: str) -> str:
+    """A target member's extension → the volume extension that `check_payload` / `decode_volume` read."""
+    return member.removeprefix(f"{TARGET}.")
+
+
 def target_meta(meta: dict) -> dict:
     """What checks and decodes a sample's target: the volume's shape, the target's own dtype."""
     dtype = meta.get("target_dtype")
@@ -223,7 +227,7 @@ def tar_target(path: Path, spans: dict[str, Span], meta: dict) -> tuple[str, Spa
         return None
     offset, length = spans[extension]
     head = read_span(path, (offset, min(length, NPY_HEADER_LIMIT)))
-    check_payload(extension.removeprefix(f"{TARGET}."), head, length, target_meta(meta))
+    check_payload(target_encoding(extension), head, length, target_meta(meta))
     return extension, spans[extension]
 
 

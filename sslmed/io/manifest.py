@@ -28,6 +28,7 @@ from sslmed.io.format import (
     tar_sample,
     tar_samples,
     tar_target,
+    target_encoding,
     tree_sha256,
 )
 
@@ -155,7 +156,7 @@ def decode_target(path: Path, spans: dict, meta: dict) -> np.ndarray | None:
     if found is None:
         return None
     extension, span = found
-    return decode_volume(extension.removeprefix(f"{TARGET}."), map_span(path, span))
+    return decode_volume(target_encoding(extension), map_span(path, span))
 
 
 def verify(directory: str | Path) -> list[str]:
