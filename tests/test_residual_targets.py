@@ -204,33 +204,32 @@ def test_a_precomputed_run_trains_without_a_cae_and_resumes_exactly(setup, tmp_p
 
 
 def test_refusals_are_one_line(setup, tmp_path, capsys):
-    root, run = setup["root"], str(setup["run"])
-    derive = ["derive", "residual-targets"]
+    root = setup["root"]
+    pool = root / "packed-wds"
 
     def refused(argv: list[str], words: str) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("sslmed: error:") and err.count("\n") == 1 and words in err, err
 
-    refused([*derive, run, "--data", str(root / "packed-wds"), "--out", str(root / "derived-wds")],
-            "already exists")
-    refused([*derive, run, "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o1")], "absent")
-    refused([*derive, str(tmp_path), "--data", str(root / "packed-wds"), "--out", str(tmp_path / "o2")],
-            "not a run with a complete checkpoint")
-    other = tmp_path / "mae"
-    assert main(["pretrain", "mae-tiny", f"data.path={root / 'packed-wds'}", f"run.dir={other}",
-                 "data.crop_size=16", "train.steps=1", "checkpoint.every=1", *SMALL]) == 0
-    capsys.readouterr()
-    refused([*derive, str(other), "--data", str(root / "packed-wds"), "--out", str(tmp_path / "o3")],
-            "a 'mae' run")
-    early = tmp_path / "early"
-    assert main(["pretrain", "residual-tiny", f"data.path={root / 'packed-wds'}", f"run.dir={early}",
-                 "train.steps=1", "method.stage1_steps=5", "checkpoint.every=1", *SMALL]) == 0
-    capsys.readouterr()
-    refused([*derive, str(early), "--data", str(root / "packed-wds"), "--out", str(tmp_path / "o4")],
-            "stage 1 is not finished")
-    assert not (tmp_path / "o4").exists()
-    refused(["pretrain", "residual-tiny", f"data.path={root / 'packed-wds'}", f"run.dir={tmp_path / 'r'}",
+    def derive(run: Path, data: Path = pool, out: Path | None = None) -> list[str]:
+        out = out or tmp_path / "o"
+        return ["derive", "residual-targets", str(run), "--data", str(data), "--out", str(out)]
+
+    def pretrained(config: str, name: str, *extra: str) -> Path:
+        run = tmp_path / name
+        assert main(["pretrain", config, f"data.path={pool}", f"run.dir={run}", "train.steps=1",
+                     "checkpoint.every=1", *extra, *SMALL]) == 0
+        capsys.readouterr()
+        return run
+
+    refused(derive(setup["run"], out=root / "derived-wds"), "already exists")
+    refused(derive(setup["run"], data=tmp_path / "absent"), "absent")
+    refused(derive(tmp_path), "not a run with a complete checkpoint")
+    refused(derive(pretrained("mae-tiny", "mae", "data.crop_size=16")), "a 'mae' run")
+    refused(derive(pretrained("residual-tiny", "early", "method.stage1_steps=5")), "stage 1 is not finished")
+    assert not (tmp_path / "o").exists()
+    refused(["pretrain", "residual-tiny", f"data.path={pool}", f"run.dir={tmp_path / 'r'}",
              "method.targets=precomputed", *SMALL], "needs a dataset of residual targets")
 
 
