@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     derive.add_argument("--median-kernel", type=int, help="median filter size (default: the run's)")
     derive.add_argument("--target-dtype", choices=["float16", "float32"], default="float16")
     derive.add_argument("--batch", type=int, default=8, help="CAE tiles per forward pass")
-    derive.add_argument("--slab", type=int, default=32, help="slices per median-filter pass")
+    derive.add_argument("--slab", type=int, default=0,
+                        help="slices per median-filter pass (default 0: as many as fit in 512 MiB)")
     derive.add_argument("--shard-size", type=parse_size, default=parse_size("512MB"))
     derive.add_argument("--chunk", type=int, default=64, help="zarr chunk edge in voxels")
     derive.add_argument("--trust-checkpoint", action="store_true",

@@ -13,8 +13,11 @@ the median kernel, the percentiles and the tiling.
 The CAE's dense code fixes its input to crop_size³, so a volume is cut into non-overlapping crop_size³
 tiles from its first voxel, the far side zero-padded (as the loader pads crops past a volume's edge),
 and the tiles' reconstructions are put back side by side. Tiles go through the CAE `batch` at a time,
-and the median filter runs on slabs of `slab` slices, so memory grows with the volume (about five
-float32 copies of it), not with kernel³ copies. The percentile rescale spans the whole volume, as the
+and the median filter (MONAI's, which holds kernel³ shifted copies of its input) runs on slabs of
+`slab` slices, by default as many as keep those copies within `MEDIAN_BYTES`; so memory grows with the
+volume (about ten float32 copies of it at the peak, the percentile sort's int64 indices included), not
+with kernel³ copies of it. An interrupted derive leaves a valid dataset of the volumes written so far;
+delete it and run again. The percentile rescale spans the whole volume, as the
 paper's "per volume" says; the on-the-fly method rescales per crop (for the paper's sinus crops the two
 are the same thing).
 """
@@ -38,17 +41,18 @@ from sslmed.lock import DirectoryLock
 from sslmed.models.residual_target import residual_target
 
 PERCENTILES = (1.0, 99.0)  # residual_target's defaults: the paper's 1st–99th percentile rescale
+MEDIAN_BYTES = 512 * 2**20  # the median filter's kernel³ copies of one slab stay within this
 TARGET_DTYPES = ("float16", "float32")
 
 
 def derive_residual_targets(run: str | Path, data: str | Path, out: str | Path, *, batch: int = 8,
-                            slab: int = 32, median_kernel: int | None = None, target_dtype: str = "float16",
+                            slab: int = 0, median_kernel: int | None = None, target_dtype: str = "float16",
                             shard_size: float = 512e6, chunk: int = 64, trust: bool = False) -> dict:
     """Write the derived dataset (see the module's docstring); returns {"samples", "out", "format"}."""
     out = Path(out)
     checks = [(not out.exists(), f"{out} already exists; derive into a new --out directory"),
               (batch >= 1, f"--batch must be at least 1, got {batch}"),
-              (slab >= 1, f"--slab must be at least 1, got {slab}"),
+              (slab >= 0, f"--slab must be >= 0 (0: as memory allows), got {slab}"),
               (target_dtype in TARGET_DTYPES, f"--target-dtype must be float16 or float32: {target_dtype!r}")]
     for ok, message in checks:
         if not ok:
@@ -144,10 +148,18 @@ def reconstruct_volume(cae: nn.Module, image: np.ndarray, batch: int = 8) -> np.
     return out[tuple(slice(0, n) for n in image.shape)]
 
 
-def volume_target(cae: nn.Module, image: np.ndarray, kernel: int, batch: int = 8, slab: int = 32
+def median_slab(shape: tuple[int, ...], kernel: int, budget: int = MEDIAN_BYTES) -> int:
+    """Slices per median-filter pass such that its kernel³ float32 copies of the slab and its margin fit
+    in `budget` bytes (at least one slice)."""
+    per_slice = kernel**3 * int(np.prod(shape[1:])) * 4
+    return max(1, budget // per_slice - 2 * (kernel // 2))
+
+
+def volume_target(cae: nn.Module, image: np.ndarray, kernel: int, batch: int = 8, slab: int = 0
                   ) -> np.ndarray:
-    """The residual target (float32, in [0, 1]) of one whole volume."""
+    """The residual target (float32, in [0, 1]) of one whole volume; `slab` 0: `median_slab`'s."""
     reconstruction = reconstruct_volume(cae, image, batch)
+    slab = slab or median_slab(image.shape, kernel)
     as_batch = [torch.from_numpy(np.ascontiguousarray(a))[None, None] for a in (image, reconstruction)]
     low, high = PERCENTILES
     return residual_target(*as_batch, low=low, high=high, kernel_size=kernel, slab=slab)[0, 0].numpy()
