@@ -21,7 +21,7 @@ from sslmed.data import augment
 from sslmed.data.pipeline import build_loader
 from sslmed.data.sources import open_dataset
 from sslmed.errors import DataError
-from sslmed.io.manifest import load_manifest, verify
+from sslmed.io.manifest import inspect, load_manifest, verify
 from sslmed.io.pack import Ledger, new_manifest, open_writer
 from sslmed.lock import DirectoryLock
 from sslmed.methods import build_method
@@ -88,6 +88,7 @@ def test_derived_target_equals_numpy_scipy_and_the_dataset_verifies(setup, fmt):
     source_digest = hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
     assert info["source"]["manifest_sha256"] == source_digest
     assert info["cae"]["step"] == 2 and len(info["cae"]["weights_sha256"]) == 64
+    assert "\ntarget      residual (float16, median kernel 3" in inspect(derived)
     cae = load_run_method(setup["run"])[1].frozen_cae.eval()
     original, copy = open_dataset(source), open_dataset(derived)
     assert copy.keys == original.keys
