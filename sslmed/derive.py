@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from sslmed.data.sources import open_dataset
+from sslmed.data.sources import PackedDataset, open_dataset
 from sslmed.errors import ConfigError
 from sslmed.io.format import MANIFEST, file_sha256
 from sslmed.io.manifest import load_manifest
@@ -72,6 +73,16 @@ def derive_residual_targets(run: str | Path, data: str | Path, out: str | Path, 
                    "samples": source["samples"]},
         "cae": provenance}
     layout = {"fmt": source["format"], "codec": source["codec"], "shard_size": shard_size, "chunk": chunk}
+    write_derived(dataset, out, manifest, layout,
+                  lambda image: volume_target(cae, image, kernel, batch, slab).astype(target_dtype))
+    print(f"sslmed derive: {manifest['samples']} samples with residual targets in {out}")
+    return {"samples": manifest["samples"], "out": str(out), "format": source["format"]}
+
+
+def write_derived(dataset: PackedDataset, out: Path, manifest: dict, layout: dict,
+                  target_of: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Every sample of `dataset` as stored, with `target_of(its float volume)`, through pack's writer
+    and ledger (manifest committed after each shard or few arrays) under `out`'s directory lock."""
     with DirectoryLock(out, "sslmed derive"):
         ledger = Ledger(out, manifest)
         writer = open_writer(out, layout, ledger.entries, ledger.commit)
@@ -79,18 +90,16 @@ def derive_residual_targets(run: str | Path, data: str | Path, out: str | Path, 
         try:
             for key in dataset.keys:
                 volume = dataset.volume(key)
-                target = volume_target(cae, volume.read(), kernel, batch, slab)
-                meta = {**dataset.meta(key), "target_dtype": target_dtype}
+                target = target_of(volume.read())
+                meta = {**dataset.meta(key), "target_dtype": str(target.dtype)}
                 source_path = str(meta.get("source", key))
-                writer.add(key, source_path, np.asarray(volume.array[...]), meta, target.astype(target_dtype))
+                writer.add(key, source_path, np.asarray(volume.array[...]), meta, target)
                 ledger.record(Path(source_path), "ok", "", key)
                 progress.update(1)
         finally:
             progress.close()
         writer.finish()
         ledger.commit()
-    print(f"sslmed derive: {manifest['samples']} samples with residual targets in {out}")
-    return {"samples": manifest["samples"], "out": str(out), "format": source["format"]}
 
 
 def load_stage1_cae(run: str | Path, trust: bool = False) -> tuple[nn.Module, dict]:
