@@ -36,6 +36,7 @@ bench: venv
 	$(BIN)/sslmed bench step --quick
 	$(BIN)/sslmed bench scaling --quick
 	$(BIN)/sslmed bench pack --quick
+	$(BIN)/sslmed bench residual --quick
 
 # every GPU figure (step, loader → GPU augmentation, 1-GPU DeepSpeed run): under 10 minutes on an H100/H200
 bench-gpu: venv

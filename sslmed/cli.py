@@ -71,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--atlas", metavar="TEMPLATE",
                       help="register each volume to this template (affine) and store atlas coordinates")
 
+    derive = sub.add_parser("derive", help="a derived packed dataset: each sample with a precomputed target")
+    derive.add_argument("kind", choices=["residual-targets"],
+                        help="residual-targets: the residual method's soft target from a run's stage-1 CAE")
+    derive.add_argument("run", help="a `residual` run whose stage 1 has finished")
+    derive.add_argument("--data", required=True, help="the packed dataset to derive from")
+    derive.add_argument("--out", required=True, help="output directory (must not exist)")
+    derive.add_argument("--median-kernel", type=int, help="median filter size (default: the run's)")
+    derive.add_argument("--target-dtype", choices=["float16", "float32"], default="float16")
+    derive.add_argument("--batch", type=int, default=8, help="CAE tiles per forward pass")
+    derive.add_argument("--slab", type=int, default=0,
+                        help="slices per median-filter pass (default 0: as many as fit in 512 MiB)")
+    derive.add_argument("--shard-size", type=parse_size, default=parse_size("512MB"))
+    derive.add_argument("--chunk", type=int, default=64, help="zarr chunk edge in voxels")
+    derive.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs classes beyond DeepSpeed's own "
+                        "(UNSAFE: may run code)")
+
     for name, text in (("verify", "check every shard/array against the manifest"),
                        ("inspect", "summarise a packed dataset")):
         cmd = sub.add_parser(name, help=text)
@@ -142,6 +159,13 @@ def run(args: argparse.Namespace) -> int:
         from sslmed.io.parts import merge
 
         merge(args.dir)
+        return 0
+    if args.command == "derive":
+        from sslmed.derive import derive_residual_targets
+
+        derive_residual_targets(args.run, args.data, args.out, batch=args.batch, slab=args.slab,
+                                median_kernel=args.median_kernel, target_dtype=args.target_dtype,
+                                shard_size=args.shard_size, chunk=args.chunk, trust=args.trust_checkpoint)
         return 0
     if args.command == "verify":
         from sslmed.io.manifest import verify

@@ -41,6 +41,15 @@ def test_step_quick(tmp_path, capsys):
         assert {"device", "cpu_model", "cores", "torch", "deepspeed", "date"} <= row["machine"].keys()
 
 
+def test_residual_quick_times_both_targets(tmp_path, capsys):
+    summary = run_quick(["residual", "--batch", "2", "--repeats", "1", "--warmup", "0"], tmp_path, capsys)
+    assert float(summary["precomputed_step_s"]) > 0 and float(summary["target_s"]) > 0
+    ratio = float(summary["on_the_fly_step_s"]) / float(summary["precomputed_step_s"])
+    assert float(summary["on_the_fly_over_precomputed"]) == pytest.approx(ratio, rel=1e-3)
+    (record,) = read_jsonl(tmp_path / "residual.jsonl")
+    assert [r["targets"] for r in record["rows"]] == ["on_the_fly", "precomputed"] and record["kernel"] == 5
+
+
 @pytest.mark.slow
 def test_loader_small_run_compares_every_source(tmp_path, capsys):
     argv = ["loader", "--volumes", "2", "--shape", "32", "--crop", "16"]

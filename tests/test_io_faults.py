@@ -85,7 +85,7 @@ def test_repair_nonfinite_packs_the_volume_and_counts_the_repairs(tmp_path, mess
     out = tmp_path / "out"
     pack([messy_folder / "holes.nii.gz"], out, repair_nonfinite=True, modality="mr")
     (entry,) = load_manifest(out)["shards"]
-    ((key, array, meta),) = list(iter_shard(out / entry["path"]))
+    ((key, array, meta, _),) = list(iter_shard(out / entry["path"]))
     assert meta["nonfinite_repaired"] == 2 and array.shape == (8, 8, 8)
 
 

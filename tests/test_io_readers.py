@@ -36,7 +36,7 @@ def read_packed(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
     samples = {}
     if manifest["format"] == "wds":
         for entry in manifest["shards"]:
-            for key, array, meta in iter_shard(out / entry["path"]):
+            for key, array, meta, _ in iter_shard(out / entry["path"]):
                 samples[key] = (as_float(array, meta), meta)
     else:
         for entry in manifest["arrays"]:

@@ -281,11 +281,12 @@ def on_subset(x: torch.Tensor, chosen: torch.Tensor, transform: Callable[..., to
 
 
 def augment(x: torch.Tensor, params: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-            ranges: Ranges = DEFAULT) -> torch.Tensor:
+            ranges: Ranges = DEFAULT, carried: int = 0) -> torch.Tensor:
     """The augmented batch: flips, affine, intensity scale and shift, gamma, bias field, blur, noise
     (MONAI's order: spatial first, noise last). `generator` draws the noise. Each family runs on its
     chosen crops alone, so the flags are needed on the host: parameters drawn there (as `prepare` does)
-    cost no device sync; parameters drawn on the device are read back once."""
+    cost no device sync; parameters drawn on the device are read back once. The last `carried` channels
+    (a target aligned with the image) go through the flips and the affine only."""
     names = ("affine_on", "gamma_on", "bias_on", "blur_on", "noise_on")
     flags = torch.cat([params["flip"], torch.stack([params[k] for k in names], dim=1)], dim=1)
     flags = flags if flags.device.type == "cpu" else flags.cpu()
@@ -295,6 +296,15 @@ def augment(x: torch.Tensor, params: dict[str, torch.Tensor], generator: torch.G
         x = on_subset(x, host["flip"][:, axis], lambda crops, d=axis: crops.flip(2 + d))
     matrices = affine_matrices(params["rotate"], params["scale"], params["translate"])
     x = on_subset(x, host["affine_on"], affine, matrices)
+    if carried:
+        image, aligned = x.split([x.shape[1] - carried, carried], dim=1)
+        return torch.cat([intensity(image, params, host, generator, ranges), aligned], dim=1)
+    return intensity(x, params, host, generator, ranges)
+
+
+def intensity(x: torch.Tensor, params: dict[str, torch.Tensor], host: dict[str, torch.Tensor],
+              generator: torch.Generator | None, ranges: Ranges) -> torch.Tensor:
+    """`augment`'s intensity families, on the device-side `params` and the host-side flags `host`."""
     factor, shift = (params[k].view(-1, 1, 1, 1, 1).to(x.dtype) for k in ("factor", "shift"))
     x = x * factor + shift
     x = on_subset(x, host["gamma_on"], adjust_contrast, params["gamma"])
@@ -319,6 +329,8 @@ def to_float(batch: dict) -> dict:
         box = out.pop(f"{view}_valid")
         image = out[view].to(torch.float32) * scale + offset  # float32 product, then sum: as read_crop
         out[view] = image.masked_fill_(~inside(box, image.shape[2:]), 0.0)
+    if "target" in out:  # stored as float, zero outside the volume already
+        out["target"] = out["target"].to(torch.float32)
     return out
 
 
@@ -351,8 +363,16 @@ def prepare(batch: dict, cfg: Config, rank: int, step: int, device: torch.device
     generator = rng.step_generator(cfg.train.seed, rank, step, device, rng.AUGMENT, micro_step)
     ranges = ranges_of(cfg.data)
     for view in VIEWS:
-        if view in batch:
-            batch[view] = augment(batch[view], draw(batch[view].shape[0], host, ranges), generator, ranges)
+        if view not in batch:
+            continue
+        params = draw(batch[view].shape[0], host, ranges)
+        if view == "image" and "target" in batch:  # the target takes the image's flips and affine only
+            channels = batch[view].shape[1]
+            both = augment(torch.cat([batch[view], batch["target"]], dim=1), params, generator, ranges,
+                           carried=batch["target"].shape[1])
+            batch[view], batch["target"] = both[:, :channels], both[:, channels:]
+        else:
+            batch[view] = augment(batch[view], params, generator, ranges)
     return batch
 
 

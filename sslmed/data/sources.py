@@ -24,6 +24,8 @@ from sslmed.errors import DataError
 from sslmed.io.format import (
     META_EXTENSION,
     NPY_HEADER_LIMIT,
+    TARGET,
+    TARGET_STORE,
     VOLUME_EXTENSIONS,
     Span,
     check_meta,
@@ -35,10 +37,13 @@ from sslmed.io.format import (
     read_span,
     tar_sample,
     tar_samples,
+    target_encoding,
+    target_member,
+    target_meta,
     to_float,
     volume_member,
 )
-from sslmed.io.manifest import load_manifest
+from sslmed.io.manifest import decode_target, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class StoredVolume:
     array: Any  # anything sliceable like an ndarray: np.ndarray or zarr.Array (slicing reads only its chunks)
     scale: float
     offset: float
+    target: Any = None  # a derived dataset's target, voxel-aligned with `array` (float16/32), sliceable alike
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -74,14 +80,25 @@ class StoredVolume:
         """The crop as stored (int16 / uint8 / float16, zero outside the volume) and the box (3, 2) of
         its voxels that lie inside the volume: `to_float` of the crop, zeroed outside the box, is
         `read_crop`. The conversion is left to the training device (fewer bytes on the way there)."""
-        src, dst = overlap(start, size, self.shape)
-        box = np.array([(d.start, d.stop) for d in dst], dtype=np.int64)
-        stored = np.asarray(self.array[tuple(src)])
-        if stored.shape == tuple(int(s) for s in size):  # inside: the view is copied once, into the batch
-            return stored, box
-        out = np.zeros(tuple(int(s) for s in size), dtype=stored.dtype)
-        out[tuple(dst)] = stored
-        return out, box
+        return stored_crop(self.array, start, size, self.shape)
+
+    def read_target_crop(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        """The target's crop [start, start + size) as stored, zero outside the volume (as its image crop)."""
+        return stored_crop(self.target, start, size, self.shape)[0]
+
+
+def stored_crop(array: Any, start: Sequence[int], size: Sequence[int], shape: Sequence[int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The crop [start, start + size) of `array` as stored, zero outside, and the (3, 2) box of its voxels
+    that lie inside the volume."""
+    src, dst = overlap(start, size, shape)
+    box = np.array([(d.start, d.stop) for d in dst], dtype=np.int64)
+    stored = np.asarray(array[tuple(src)])
+    if stored.shape == tuple(int(s) for s in size):  # inside: the view is copied once, into the batch
+        return stored, box
+    out = np.zeros(tuple(int(s) for s in size), dtype=stored.dtype)
+    out[tuple(dst)] = stored
+    return out, box
 
 
 def overlap(start: Sequence[int], size: Sequence[int], shape: Sequence[int]
@@ -180,8 +197,8 @@ def open_dataset(path: str | Path, shard_url: str = "") -> PackedDataset:
 # ---- payload decoding (the format's own decoder, shared with `verify`) --------------------------
 
 
-def volume_from_meta(array: Any, meta: dict) -> StoredVolume:
-    return StoredVolume(array, float(meta.get("scale", 1.0)), float(meta.get("offset", 0.0)))
+def volume_from_meta(array: Any, meta: dict, target: Any = None) -> StoredVolume:
+    return StoredVolume(array, float(meta.get("scale", 1.0)), float(meta.get("offset", 0.0)), target)
 
 
 # ---- WebDataset tar shards --------------------------------------------------------------------------
@@ -196,6 +213,7 @@ class TarDataset:
         self._shard_of = {key: shard["path"] for shard in self.shards for key in shard.get("keys", [])}
         self.keys = list(self._shard_of)
         self._spans: dict[str, dict[str, dict[str, Span]]] = {}  # shard → key → member spans
+        self.targets = TARGET in manifest  # a derived dataset: every sample must carry its target
         self._last: tuple[str, StoredVolume] | None = None
 
     # random access
@@ -227,7 +245,8 @@ class TarDataset:
             raise DataError(f"{path}: sample {key} has no {' or '.join(VOLUME_EXTENSIONS)} member")
         meta = self.meta(key)
         try:
-            return volume_from_meta(decode_volume(suffix, map_span(path, spans[suffix])), meta)
+            target = decode_target(path, spans, meta)
+            return volume_from_meta(decode_volume(suffix, map_span(path, spans[suffix])), meta, target)
         except (OSError, ValueError, RuntimeError) as exc:
             raise DataError(f"{path}: sample {key}: cannot decode ({exc})") from None
 
@@ -277,12 +296,17 @@ class TarDataset:
     def _parse(self, path: Path, key: str, spans: dict[str, Span], skips: SkipCounter) -> Sample | None:
         try:
             meta, suffix, span = tar_sample(path, spans)
+            if target_member(spans):
+                target_meta(meta)  # a bad target_dtype is a corrupt sample, met before any decoding
+            elif self.targets:
+                raise ValueError("no target member, though the manifest describes a dataset of targets")
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             skips.sample(f"{path}:{key}", str(exc))
             return None
 
         def load() -> StoredVolume:
-            return volume_from_meta(decode_volume(suffix, map_span(path, span)), meta)
+            target = decode_target(path, spans, meta)
+            return volume_from_meta(decode_volume(suffix, map_span(path, span)), meta, target)
 
         return Sample(key, meta, load)
 
@@ -323,18 +347,29 @@ class StreamedTarDataset(TarDataset):
             return
         skips.shortfall(url, read, self._entry[unit].get("samples"))
 
-    @staticmethod
-    def _parse_members(url: str, members: dict, skips: SkipCounter) -> Sample | None:
+    def _parse_members(self, url: str, members: dict, skips: SkipCounter) -> Sample | None:
         key = members["__key__"]
         try:
             suffix = volume_member(members)
             meta = check_meta(json.loads(members[META_EXTENSION]))
             payload = members[suffix]
             check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload), meta)
+            member = target_member(members)
+            if self.targets and member is None:
+                raise ValueError("no target member, though the manifest describes a dataset of targets")
+            target_payload = members[member] if member else None
+            if member:
+                check_payload(target_encoding(member), target_payload[:NPY_HEADER_LIMIT], len(target_payload),
+                              target_meta(meta))
         except ValueError as exc:
             skips.sample(f"{url}:{key}", str(exc))
             return None
-        return Sample(key, meta, lambda: volume_from_meta(decode_volume(suffix, payload), meta))
+
+        def load() -> StoredVolume:
+            target = decode_volume(target_encoding(member), target_payload) if member else None
+            return volume_from_meta(decode_volume(suffix, payload), meta, target)
+
+        return Sample(key, meta, load)
 
     def _sample_spans(self, key: str) -> tuple[Path, dict[str, Span]]:
         raise DataError(f"{self.root}: shards streamed from data.shard_url={self.shard_url!r} offer no "
@@ -379,8 +414,23 @@ class ZarrDataset:
         self.keys = [entry["key"] for entry in manifest.get("arrays", [])]
         self.units = list(self.keys)
         self._entry = {entry["key"]: entry for entry in manifest.get("arrays", [])}
-        self._group = None
+        self.targets = TARGET in manifest  # a derived dataset: every sample must carry its target
+        self._group = self._targets = None
         self._last: tuple[str, StoredVolume] | None = None
+
+    def _target(self, key: str) -> zarr.Array | None:
+        """The lazy target array of `key` (targets.zarr) when the manifest lists one, else None."""
+        if TARGET not in self._entry[key]:
+            return None
+        if self._targets is None:
+            try:
+                self._targets = zarr.open_group(store=open_store(self.root / TARGET_STORE), mode="r")
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+                raise DataError(f"{self.root}: no readable {TARGET_STORE} group ({exc})") from None
+        try:
+            return self._targets[key]
+        except KeyError:
+            raise DataError(f"{self.root}: no target array for key {key!r} in {TARGET_STORE}") from None
 
     @property
     def group(self) -> zarr.Group:
@@ -404,7 +454,8 @@ class ZarrDataset:
         """A lazy handle on the array; the last one is kept, so many crops of one volume open it once."""
         if self._last is None or self._last[0] != key:
             array = self._array(key)
-            self._last = (key, volume_from_meta(array, dict(array.attrs.get("sslmed", {}))))
+            meta = dict(array.attrs.get("sslmed", {}))
+            self._last = (key, volume_from_meta(array, meta, self._target(key)))
         return self._last[1]
 
     def read(self, key: str) -> np.ndarray:
@@ -420,12 +471,18 @@ class ZarrDataset:
         try:
             array = self._array(unit)
             meta = check_meta(dict(array.attrs.get("sslmed", {})))
-            missing = missing_files(self.root / self._entry[unit]["path"], self._entry[unit].get("files", []))
-            if missing:
-                raise ValueError(f"{len(missing)} file(s) the manifest lists are missing ({missing[0]}, …): "
-                                 "they would read as zeros")
+            target = self._target(unit)
+            if self.targets and target is None:
+                raise ValueError("no target, though the manifest describes a dataset of targets")
+            entries = [self._entry[unit], *([self._entry[unit][TARGET]] if target is not None else [])]
+            for entry in entries:
+                missing = missing_files(self.root / entry["path"], entry.get("files", []))
+                if missing:
+                    raise ValueError(f"{len(missing)} file(s) the manifest lists are missing ({missing[0]}, "
+                                     "…): they would read as zeros")
         except (DataError, ValueError, OSError) as exc:
             skips.sample(f"{self.root}/volumes.zarr/{unit}", str(exc))
             return
-        volume = volume_from_meta(array, meta)  # a lazy handle: crops slice it, reading only their chunks
+        # a lazy handle: crops slice it, reading only their chunks
+        volume = volume_from_meta(array, meta, target)
         yield Sample(unit, meta, lambda: volume)

@@ -45,9 +45,13 @@ class Streamed:
     sample: Sample
 
 
+SPATIAL_TRANSFORMS = 4  # the first transforms of `augmentation`: the flips and the affine
+
+
 def augmentation(ranges: Ranges = DEFAULT_AUGMENTATION) -> Compose:
     """Per-crop MONAI augmentation (`data.augment_on=loader`): the families, ranges and order that
-    `sslmed.data.augment` applies to whole batches on the training device."""
+    `sslmed.data.augment` applies to whole batches on the training device. Its first
+    `SPATIAL_TRANSFORMS` move voxels (a target goes through them too); the rest change intensity."""
     r = ranges
     return Compose([
         RandFlip(prob=r.flip_prob, spatial_axis=0),
@@ -141,7 +145,8 @@ class Cropper:
             crop = {"key": item.sample.key, "tags": dict(item.sample.meta.get("tags", {})),
                     "epoch": item.epoch, "start": plan["start"],
                     "location": location(plan["start"], shape, size, item.sample.meta),
-                    **self.view("image", volume, plan["start"], plan["seeds"][0])}
+                    **cut_view("image", volume, plan["start"], size, self.augment, plan["seeds"][0],
+                               with_target=volume.target is not None)}
             if self.augment is None:
                 crop["intensity"] = np.array([volume.scale, volume.offset], dtype=np.float32)
             if cfg.views == 2:
@@ -176,15 +181,26 @@ class Cropper:
 
 
 def cut_view(name: str, volume: StoredVolume, start: np.ndarray, size: int, augment: Compose | None,
-             seed: int) -> dict[str, np.ndarray]:
+             seed: int, with_target: bool = False) -> dict[str, np.ndarray]:
     """`{name: crop}` augmented here (float32), or, without `augment`, `{name: stored crop, name_valid:
-    its box inside the volume}` for conversion and augmentation on the training device."""
+    its box inside the volume}` for conversion and augmentation on the training device. `with_target`
+    adds `target`: the volume's target cut from the same box (and, here, moved by the same flips and
+    affine, untouched by the intensity transforms)."""
     shape = (size,) * 3
     if augment is None:
         stored, box = volume.read_stored_crop(start, shape)
-        return {name: stored[None], f"{name}_valid": box}
+        out = {name: stored[None], f"{name}_valid": box}
+        if with_target:
+            out["target"] = volume.read_target_crop(start, shape)[None]
+        return out
     augment.set_random_state(seed=seed)
-    return {name: np.asarray(augment(volume.read_crop(start, shape)[None]), dtype=np.float32)}
+    image = volume.read_crop(start, shape)[None]
+    if not with_target:
+        return {name: np.asarray(augment(image), dtype=np.float32)}
+    target = volume.read_target_crop(start, shape)[None].astype(np.float32)
+    moved = np.asarray(augment(np.concatenate([image, target]), end=SPATIAL_TRANSFORMS), dtype=np.float32)
+    image = np.asarray(augment(moved[:1], start=SPATIAL_TRANSFORMS), dtype=np.float32)
+    return {name: image, "target": moved[1:]}
 
 
 def block_shuffle(crops: Iterable[dict], block_size: int, seed: int, stream: tuple[int, int],
@@ -222,7 +238,7 @@ def collate(batch: list[dict]) -> dict:
            "location": torch.from_numpy(np.stack([c["location"] for c in batch])),
            "key": [c["key"] for c in batch], "tags": [c["tags"] for c in batch],
            "start": torch.from_numpy(np.stack([c["start"] for c in batch]).astype(np.int64))}
-    for name in ("image2", "neighbour", "neighbour2", "intensity", "image_valid", "image2_valid",
+    for name in ("image2", "neighbour", "neighbour2", "target", "intensity", "image_valid", "image2_valid",
                  "neighbour_valid", "neighbour2_valid"):
         if name in batch[0]:
             out[name] = torch.from_numpy(np.stack([c[name] for c in batch]))

@@ -25,6 +25,12 @@ ZARR_STORE = "volumes.zarr"
 CODECS = ("none", "zstd", "lz4")
 VOLUME_EXTENSIONS = ("vol.npy", "vol.blosc")  # tar member suffixes holding the array
 META_EXTENSION = "meta.json"
+# A derived dataset's samples also carry a `target`: an array voxel-aligned with the volume (e.g. the
+# residual method's precomputed soft target), stored as the tar member `<key>.target.vol.*` or the
+# Zarr array `targets.zarr/<key>`, its dtype in the sample metadata's `target_dtype`.
+TARGET = "target"
+TARGET_EXTENSIONS = tuple(f"{TARGET}.{extension}" for extension in VOLUME_EXTENSIONS)
+TARGET_STORE = "targets.zarr"
 
 
 # What the writers name shards, and nothing else: `shard_name` (one pack), a Ray task's
@@ -194,6 +200,37 @@ def check_meta(meta: object) -> dict:
     return meta
 
 
+def target_member(members: Iterable[str]) -> str | None:
+    """The extension of a tar sample's target member (`target.vol.npy` / `target.vol.blosc`), or None."""
+    names = set(members)
+    return next((e for e in TARGET_EXTENSIONS if e in names), None)
+
+
+def target_encoding(member: str) -> str:
+    """A target member's extension → the volume extension that `check_payload` / `decode_volume` read."""
+    return member.removeprefix(f"{TARGET}.")
+
+
+def target_meta(meta: dict) -> dict:
+    """What checks and decodes a sample's target: the volume's shape, the target's own dtype."""
+    dtype = meta.get("target_dtype")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"metadata target_dtype is {dtype!r}")
+    return {"shape": meta["shape"], "dtype": dtype}
+
+
+def tar_target(path: Path, spans: dict[str, Span], meta: dict) -> tuple[str, Span] | None:
+    """The extension and span of a sample's target member, its header checked against its length and
+    the metadata (as `tar_sample` checks the volume); None when the sample has no target."""
+    extension = target_member(spans)
+    if extension is None:
+        return None
+    offset, length = spans[extension]
+    head = read_span(path, (offset, min(length, NPY_HEADER_LIMIT)))
+    check_payload(target_encoding(extension), head, length, target_meta(meta))
+    return extension, spans[extension]
+
+
 def tar_sample(path: Path, spans: dict[str, Span]) -> tuple[dict, str, Span]:
     """One sample of a local tar shard, as both training and `verify` read it: its checked metadata
     and the extension and span of its volume member, whose header is checked against its length
@@ -259,14 +296,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def content_sha256(array: np.ndarray, meta: dict) -> str:
+def content_sha256(array: np.ndarray, meta: dict, target: np.ndarray | None = None) -> str:
     """A sample's content checksum, the same in either format and in any shard or task grouping:
     sha256 of its metadata as canonical JSON (sorted keys, no spaces, UTF-8), a NUL byte, then the
-    stored array's bytes (C order, little-endian)."""
+    stored array's bytes (C order, little-endian); a sample with a target continues with a NUL byte,
+    `target`, a NUL byte and the target's bytes."""
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-    digest.update(b"\0")
-    stored = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    digest.update(memoryview(stored.reshape(-1)).cast("B"))
+    for prefix, data in ((b"\0", array), (b"\0target\0", target)):
+        if data is None:
+            continue
+        digest.update(prefix)
+        stored = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+        digest.update(memoryview(stored.reshape(-1)).cast("B"))
     return digest.hexdigest()
 
 

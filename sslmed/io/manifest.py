@@ -16,6 +16,8 @@ from sslmed.io.format import (
     FORMAT_VERSION,
     KEY,
     MANIFEST,
+    TARGET,
+    TARGET_STORE,
     check_meta,
     content_sha256,
     decode_volume,
@@ -25,6 +27,8 @@ from sslmed.io.format import (
     map_span,
     tar_sample,
     tar_samples,
+    tar_target,
+    target_encoding,
     tree_sha256,
 )
 
@@ -93,6 +97,8 @@ def _schema_problem(manifest: dict, entries: str) -> str | None:
             return f"{where}.files is not a list of relative paths inside the array"
         if entries == "arrays" and entry["path"] != f"volumes.zarr/{entry['key']}":
             return f"{where}.path {entry['path']!r} does not match its key {entry['key']!r}"
+        if entries == "arrays" and TARGET in entry and not _is_target_entry(entry[TARGET], entry["key"]):
+            return f"{where}.{TARGET} is not a target array entry for key {entry['key']!r}"
         if entries == "shards" and len(entry["keys"]) != entry["samples"]:
             return f"{where} lists {len(entry['keys'])} keys for {entry['samples']} samples"
     return None
@@ -101,6 +107,12 @@ def _schema_problem(manifest: dict, entries: str) -> str | None:
 def _is_relative_list(value: object) -> bool:
     return isinstance(value, list) and all(
         isinstance(v, str) and v and not v.startswith("/") and ".." not in v.split("/") for v in value)
+
+
+def _is_target_entry(value: object, key: str) -> bool:
+    """A Zarr entry's `target`: {path: targets.zarr/<its key>, sha256, files}."""
+    return (isinstance(value, dict) and value.get("path") == f"{TARGET_STORE}/{key}"
+            and _is_sha256(value.get("sha256")) and _is_relative_list(value.get("files", [])))
 
 
 def _is_key_list(value: object) -> bool:
@@ -120,30 +132,42 @@ def _array_checks(entry: dict) -> list:
             ("shape", is_shape), ("voxels", _is_count), ("bytes", _is_count), ("sha256", _is_sha256)]
 
 
-def iter_shard(path: Path, *, decode: bool = True) -> Iterator[tuple[str, np.ndarray | None, dict]]:
-    """(key, stored array or None, metadata) for each sample of one tar shard, in order — through the
-    same reader and decoder that training streams with (`tar_samples`, `tar_sample`, `decode_volume`).
-    DataError names the shard and sample on anything unreadable."""
+def iter_shard(path: Path, *, decode: bool = True
+               ) -> Iterator[tuple[str, np.ndarray | None, dict, np.ndarray | None]]:
+    """(key, stored array or None, metadata, target or None) for each sample of one tar shard, in
+    order — through the same reader and decoder that training streams with (`tar_samples`,
+    `tar_sample`, `decode_volume`). DataError names the shard and sample on anything unreadable."""
     try:
         for key, spans in tar_samples(path):
             try:
                 meta, extension, span = tar_sample(path, spans)
                 array = decode_volume(extension, map_span(path, span)) if decode else None
+                target = decode_target(path, spans, meta) if decode else None
             except (ValueError, RuntimeError) as exc:  # blosc raises RuntimeError on a corrupt buffer
                 raise DataError(f"{path.name}: sample '{key}': {exc}") from None
-            yield key, array, meta
+            yield key, array, meta, target
     except (OSError, tarfile.TarError) as exc:
         raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
+
+
+def decode_target(path: Path, spans: dict, meta: dict) -> np.ndarray | None:
+    """A tar sample's target array, or None when it has none."""
+    found = tar_target(path, spans, meta)
+    if found is None:
+        return None
+    extension, span = found
+    return decode_volume(target_encoding(extension), map_span(path, span))
 
 
 def verify(directory: str | Path) -> list[str]:
     """Every problem with the dataset, each naming its shard or array; empty when the data matches."""
     directory = Path(directory)
     manifest = load_manifest(directory)
+    targets = TARGET in manifest  # a derived dataset: every sample carries a target
     if manifest["format"] == "wds":
-        problems = [p for entry in manifest["shards"] for p in _verify_shard(directory, entry)]
+        problems = [p for entry in manifest["shards"] for p in _verify_shard(directory, entry, targets)]
     else:
-        problems = [p for entry in manifest["arrays"] for p in _verify_array(directory, entry)]
+        problems = [p for entry in manifest["arrays"] for p in _verify_array(directory, entry, targets)]
     entries = manifest.get("shards") or manifest.get("arrays") or []
     listed = sum(e.get("samples", 1) for e in entries)
     if listed != manifest["samples"]:
@@ -151,7 +175,7 @@ def verify(directory: str | Path) -> list[str]:
     return problems
 
 
-def _verify_shard(directory: Path, entry: dict) -> list[str]:
+def _verify_shard(directory: Path, entry: dict, targets: bool = False) -> list[str]:
     name = entry["path"]
     path = directory / name
     if not path.is_file():
@@ -163,12 +187,13 @@ def _verify_shard(directory: Path, entry: dict) -> list[str]:
     keys: list[str] = []
     contents: list[str] = []
     try:
-        for key, array, meta in iter_shard(path):
+        for key, array, meta, target in iter_shard(path):
             keys.append(key)
-            contents.append(content_sha256(array, meta))
+            contents.append(content_sha256(array, meta, target))
             if list(array.shape) != list(meta["shape"]) or str(array.dtype) != meta["dtype"]:
                 problems.append(f"{name}: sample '{key}' is {array.dtype}{list(array.shape)} but its "
                                 f"metadata says {meta['dtype']}{meta['shape']}")
+            problems += _target_problems(f"{name}: sample '{key}'", array, target, targets)
     except Exception as exc:  # any decoding failure means a corrupt shard; name it
         problems.append(f"{name}: unreadable after sample {len(keys)} ({type(exc).__name__}: {exc})")
         return problems
@@ -183,7 +208,15 @@ def _verify_shard(directory: Path, entry: dict) -> list[str]:
     return problems
 
 
-def _verify_array(directory: Path, entry: dict) -> list[str]:
+def _target_problems(where: str, array: np.ndarray, target: np.ndarray | None, expected: bool) -> list[str]:
+    if target is None:
+        return [f"{where}: no target, though the manifest describes a dataset of targets"] if expected else []
+    if target.shape != array.shape:
+        return [f"{where}: target shape {list(target.shape)} differs from the volume's {list(array.shape)}"]
+    return []
+
+
+def _verify_array(directory: Path, entry: dict, targets: bool = False) -> list[str]:
     import zarr
 
     name = entry["path"]
@@ -191,17 +224,25 @@ def _verify_array(directory: Path, entry: dict) -> list[str]:
     if not (root / "zarr.json").is_file():
         return [f"{name}: missing array"]
     problems = []
-    digest = tree_sha256(root)
-    if digest != entry["sha256"]:
-        problems.append(f"{name}: checksum mismatch (manifest {entry['sha256'][:12]}…, files {digest[:12]}…)")
+    stored = [(name, root, entry["sha256"])]
+    if TARGET in entry:
+        stored.append((entry[TARGET]["path"], directory / entry[TARGET]["path"], entry[TARGET]["sha256"]))
+    for label, tree, listed in stored:
+        digest = tree_sha256(tree)
+        if digest != listed:
+            problems.append(f"{label}: checksum mismatch (manifest {listed[:12]}…, files {digest[:12]}…)")
     try:
         array = zarr.open_array(str(root), mode="r")
         data = array[...]
         meta = check_meta(dict(array.attrs)["sslmed"])
+        target = None
+        if TARGET in entry:
+            target = zarr.open_array(str(directory / entry[TARGET]["path"]), mode="r")[...]
         if list(data.shape) != list(entry["shape"]) or list(meta["shape"]) != list(entry["shape"]):
             problems.append(f"{name}: shape {list(data.shape)} differs from the manifest {entry['shape']}")
-        elif "content_sha256" in entry and content_sha256(data, meta) != entry["content_sha256"]:
+        elif "content_sha256" in entry and content_sha256(data, meta, target) != entry["content_sha256"]:
             problems.append(f"{name}: content checksum differs from the manifest")
+        problems += _target_problems(name, data, target, targets)
     except Exception as exc:  # any decoding failure means a corrupt array; name it
         problems.append(f"{name}: unreadable array ({type(exc).__name__}: {exc})")
     return problems
@@ -226,7 +267,7 @@ def iter_metadata(directory: str | Path) -> Iterator[dict]:
     manifest = load_manifest(directory)
     if manifest["format"] == "wds":
         for entry in manifest["shards"]:
-            for _, _, meta in iter_shard(directory / entry["path"], decode=False):
+            for _, _, meta, _ in iter_shard(directory / entry["path"], decode=False):
                 yield meta
     else:
         import zarr
@@ -259,6 +300,13 @@ def inspect(directory: str | Path) -> str:
         except (KeyError, TypeError, ValueError) as exc:  # metadata written by something else
             raise DataError(f"{directory}: sample metadata lacks what inspect summarises ({exc!r})") from None
     lines.append(f"preprocess  {json.dumps(manifest['preprocessing'])}")
+    if isinstance(manifest.get(TARGET), dict):  # a derived dataset: what its targets are and came from
+        target = manifest[TARGET]
+        cae = target.get("cae", {})
+        lines.append(f"target      {target.get('kind')} ({target.get('dtype')}, median kernel "
+                     f"{target.get('median_kernel')}, percentiles {target.get('percentiles')}); CAE "
+                     f"{str(cae.get('weights_sha256', '?'))[:12]}… of {cae.get('run')} "
+                     f"at step {cae.get('step')}")
     return "\n".join(lines)
 
 

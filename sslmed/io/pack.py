@@ -194,12 +194,12 @@ def write_volume(job: tuple, outcome: Outcome, writer: WdsWriter | ZarrWriter,
     return None
 
 
-def progress_bar(total: int, done: int):
+def progress_bar(total: int, done: int, desc: str = "pack"):
     """The driver's progress: volumes done of `total`, and volumes per second (a bar on a terminal,
     plain lines in a log file)."""
     from sslmed.progress import progress
 
-    return progress(total, initial=done, desc="pack", unit="vol")
+    return progress(total, initial=done, desc=desc, unit="vol")
 
 
 def _write_all(jobs: list[tuple], outcomes: Iterator[Outcome], writer: WdsWriter | ZarrWriter, ledger: Ledger,
@@ -250,6 +250,11 @@ def _start_manifest(out: Path, fmt: str, codec: str, settings: dict) -> dict:
                             f"(format {previous[0]}, codec {previous[1]}, preprocessing {previous[2]}); "
                             "pack into a new --out directory")
         return manifest
+    return new_manifest(fmt, codec, settings)
+
+
+def new_manifest(fmt: str, codec: str, settings: dict) -> dict:
+    """The manifest of an empty dataset (`pack`, and `derive` for derived datasets)."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"sslmed_version": __version__, "format_version": FORMAT_VERSION, "format": fmt, "codec": codec,
             "created": now, "preprocessing": settings, "samples": 0, "voxels": 0, "bytes": 0,

@@ -12,6 +12,8 @@ import numpy as np
 
 from sslmed.io.format import (
     META_EXTENSION,
+    TARGET,
+    TARGET_STORE,
     ZARR_STORE,
     content_sha256,
     encode_volume,
@@ -39,18 +41,27 @@ class WdsWriter:
         self.index = len(entries)
         self.file = self.tar = self.current = None
 
-    def add(self, key: str, source: str, array: np.ndarray, meta: dict) -> None:
+    def add(self, key: str, source: str, array: np.ndarray, meta: dict, target: np.ndarray | None = None
+            ) -> None:
+        """One sample; `target` (a derived dataset's, voxel-aligned with `array`) as a member of its own."""
         extension, payload = encode_volume(array, self.codec)
+        members = {"__key__": key, extension: payload}
+        if target is not None:
+            target_extension, target_payload = encode_volume(target, self.codec)
+            members[f"{TARGET}.{target_extension}"] = target_payload
         meta_bytes = json.dumps(meta).encode()
-        size = len(payload) + len(meta_bytes) + TAR_OVERHEAD
+        members[META_EXTENSION] = meta_bytes
+        extra_members = len(members) - 3  # beyond the volume and its metadata: half an overhead each
+        payloads = sum(len(v) for k, v in members.items() if k != "__key__")
+        size = payloads + TAR_OVERHEAD * (2 + extra_members) // 2
         if self.current and self.current["bytes"] + size > self.shard_size:
             self._close()
         if self.current is None:
             self._open()
-        self.tar.write({"__key__": key, extension: payload, META_EXTENSION: meta_bytes})
+        self.tar.write(members)
         self.current["keys"].append(key)
         self.current["sources"].append(source)
-        self.current["content_sha256"].append(content_sha256(array, meta))
+        self.current["content_sha256"].append(content_sha256(array, meta, target))
         self.current["samples"] += 1
         self.current["voxels"] += int(array.size)
         self.current["bytes"] += size
@@ -95,21 +106,36 @@ class ZarrWriter:
         self.out, self.codec, self.chunk = out, codec, int(chunk)
         self.entries, self.on_commit = entries, on_commit
         self.group = zarr.open_group(str(out / ZARR_STORE), mode="a", zarr_format=3)
+        self.targets = None  # targets.zarr, opened with the first target
         self.uncommitted = 0
 
-    def add(self, key: str, source: str, array: np.ndarray, meta: dict) -> None:
+    def _write(self, group, store: str, key: str, array: np.ndarray, attributes: dict) -> dict:
+        """Write `array` as `<store>/<key>`; returns its manifest fields (path, shape, voxels, bytes,
+        sha256, files)."""
         chunks, shards = zarr_layout(array.shape, self.chunk)
         # overwrite: an array left by an interrupted run is not in the manifest, so its key is free again
-        stored = self.group.create_array(name=key, shape=array.shape, dtype=array.dtype, chunks=chunks,
-                                         shards=shards, compressors=zarr_compressors(self.codec),
-                                         fill_value=0, attributes={"sslmed": meta}, overwrite=True)
+        stored = group.create_array(name=key, shape=array.shape, dtype=array.dtype, chunks=chunks,
+                                    shards=shards, compressors=zarr_compressors(self.codec),
+                                    fill_value=0, attributes=attributes, overwrite=True)
         stored[...] = array
-        root = self.out / ZARR_STORE / key
+        root = self.out / store / key
         files = [f.relative_to(root).as_posix() for f in tree_files(root)]
-        self.entries.append({"key": key, "path": f"{ZARR_STORE}/{key}", "shape": list(array.shape),
-                             "voxels": int(array.size), "bytes": tree_bytes(root),
-                             "sha256": tree_sha256(root), "files": files,
-                             "content_sha256": content_sha256(array, meta), "source": source})
+        return {"path": f"{store}/{key}", "shape": list(array.shape), "voxels": int(array.size),
+                "bytes": tree_bytes(root), "sha256": tree_sha256(root), "files": files}
+
+    def add(self, key: str, source: str, array: np.ndarray, meta: dict, target: np.ndarray | None = None
+            ) -> None:
+        """One array; `target` (a derived dataset's, voxel-aligned with `array`) as targets.zarr/<key>."""
+        entry = {"key": key, **self._write(self.group, ZARR_STORE, key, array, {"sslmed": meta}),
+                 "content_sha256": content_sha256(array, meta, target), "source": source}
+        if target is not None:
+            if self.targets is None:
+                import zarr
+
+                self.targets = zarr.open_group(str(self.out / TARGET_STORE), mode="a", zarr_format=3)
+            entry[TARGET] = self._write(self.targets, TARGET_STORE, key, target, {})
+            entry["bytes"] += entry[TARGET].pop("bytes")
+        self.entries.append(entry)
         self.uncommitted += 1
         if self.uncommitted >= ZARR_COMMIT_EVERY:
             self.finish()

@@ -14,13 +14,20 @@ Stage 2: a frozen snapshot of the CAE turns every crop into the soft target
 ResNet with a U-Net decoder (`models.resnet3d.ResUNet3D`) learns to predict it under BCE-with-logits.
 The ResNet encoder is the one exported.
 
+With `method.targets: precomputed` there is no stage 1 and no CAE: the run trains on a derived dataset
+(`sslmed derive residual-targets`, sslmed/derive.py) whose samples carry the target, streamed as
+`batch["target"]`, cut from the image crop's box and moved by its spatial augmentation only.
+
 The stage follows from `steps_done`, a buffer saved with the state, so resume is exact; the host keeps a
 copy of it, so that choosing the stage never waits for the device.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,7 +36,7 @@ from torch import nn
 
 from sslmed.config import Config, MethodSettings, setting
 from sslmed.errors import DataError
-from sslmed.methods.base import Method, Needs, frozen_copy, positive, require
+from sslmed.methods.base import Method, Needs, frozen_copy, non_negative, positive, require
 from sslmed.models import build_backbone
 from sslmed.models.cae import CAE_DOWNSAMPLE, ConvAutoencoder3D
 from sslmed.models.residual_target import residual_target
@@ -48,9 +55,12 @@ def odd_positive(v: int) -> bool:
 
 @dataclass
 class ResidualSettings(MethodSettings):
-    # steps of CAE training on normal volumes before the residual stage
-    stage1_steps: int = setting(0, positive, "> 0 (steps of autoencoder training on normal volumes "
-                                             "before the residual stage)")
+    # on_the_fly: stage 1 trains the CAE, stage 2 computes targets per crop; precomputed: stage 2 only,
+    # reading each crop's target from a derived dataset (sslmed derive residual-targets)
+    targets: Literal["on_the_fly", "precomputed"] = "on_the_fly"
+    # steps of CAE training on normal volumes before the residual stage (on_the_fly only)
+    stage1_steps: int = setting(0, non_negative, ">= 0 (steps of autoencoder training on normal volumes "
+                                                 "before the residual stage)")
     normal_tag: str = "status=normal"  # tag=value marking normal volumes
     normal_data: str = ""  # packed labelled set whose normal_tag volumes train stage 1 ("": the stream's)
     cae_latent: int = setting(512, positive, "> 0")  # the CAE's dense bottleneck (the paper: 512)
@@ -58,6 +68,9 @@ class ResidualSettings(MethodSettings):
 
     def check(self) -> None:
         parse_tag(self.normal_tag)
+        require(self.targets == "precomputed" or self.stage1_steps > 0,
+                "method.stage1_steps must be > 0 (steps of autoencoder training on normal volumes before "
+                "the residual stage), or set method.targets: precomputed to train on a derived dataset")
 
 
 class Residual(Method):
@@ -71,21 +84,27 @@ class Residual(Method):
         require(cfg.data.crop_size % multiple == 0,
                 f"method 'residual' needs data.crop_size a multiple of {multiple} (the ResNet's "
                 f"downsampling), got {cfg.data.crop_size}")
+        if cfg.method.targets == "precomputed":
+            require_targets(cfg.data.path)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         s = self.settings
         self.normal_key, self.normal_value = parse_tag(s.normal_tag)
-        self.stage1_steps, self.median_kernel = s.stage1_steps, s.median_kernel
+        self.precomputed = s.targets == "precomputed"
+        self.stage1_steps = 0 if self.precomputed else s.stage1_steps
+        self.median_kernel = s.median_kernel
         self.crop_size, self.seed = cfg.data.crop_size, cfg.train.seed
         # Read when stage 1 first needs it: exporting or resuming in stage 2 does not need the set.
         self.normal_data, self.normal_volumes = s.normal_data, None
         channels = cfg.model.in_channels
-        self.cae = ConvAutoencoder3D(cfg.data.crop_size, channels, s.cae_latent)
+        if not self.precomputed:
+            self.cae = ConvAutoencoder3D(cfg.data.crop_size, channels, s.cae_latent)
         self.unet = ResUNet3D(build_backbone(cfg), out_channels=channels)
-        # Stage 2 reads this snapshot, taken when stage 1 ends: it is outside the optimizer, so the
-        # optimizer's momentum and weight decay cannot move the CAE that defines the targets.
-        self.frozen_cae = frozen_copy(self.cae)
+        if not self.precomputed:
+            # Stage 2 reads this snapshot, taken when stage 1 ends: it is outside the optimizer, so the
+            # optimizer's momentum and weight decay cannot move the CAE that defines the targets.
+            self.frozen_cae = frozen_copy(self.cae)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.host_steps = 0  # steps_done as the host knows it; re-read when a state is loaded
         self.register_load_state_dict_post_hook(lambda module, _: module.sync_host_steps())
@@ -143,16 +162,37 @@ class Residual(Method):
 
     def stage2(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         image = batch["image"]
-        target = self.target(image)
+        if self.precomputed:
+            if "target" not in batch:
+                raise DataError("method.targets: precomputed reads each crop's target, and this batch has "
+                                "none; train on a dataset from `sslmed derive residual-targets`")
+            target = batch["target"]
+        else:
+            target = self.target(image)
         loss = F.binary_cross_entropy_with_logits(self.unet(image).float(), target)
         return loss, {"loss_residual": loss.detach(), "stage": 2.0}
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         self.steps_done += 1
         self.host_steps += 1
-        if self.host_steps == self.stage1_steps:
+        if self.host_steps == self.stage1_steps and not self.precomputed:
             with torch.no_grad():
                 self.frozen_cae.load_state_dict(self.cae.state_dict())
+
+
+def require_targets(path: str) -> None:
+    """A precomputed-target run needs a derived dataset of residual targets at `path` (checked when its
+    manifest can be read; a missing dataset is the loader's to report)."""
+    manifest = Path(path) / "manifest.json" if path else None
+    if manifest is None or not manifest.is_file():
+        return
+    try:
+        target = json.loads(manifest.read_text()).get("target")
+    except (OSError, ValueError):
+        return
+    require(isinstance(target, dict) and target.get("kind") == "residual",
+            f"method.targets: precomputed needs a dataset of residual targets, and {path} has none; make one "
+            f"with `sslmed derive residual-targets RUN --data {path} --out DIR` and set data.path to DIR")
 
 
 def load_normal_volumes(path: str, tag: str) -> list[np.ndarray]:
