@@ -47,6 +47,9 @@ class DataConfig:
     # per-family probabilities and ranges over sslmed/data/augment.py's `Ranges` defaults, e.g.
     # {blur_prob: 0.5, blur_sigma: [0.25, 1.5]}
     augment_ranges: dict[str, Any] = field(default_factory=dict)
+    # also emit `image_clean`: the image crop after the spatial augmentation alone (no intensity
+    # families), which a reconstruction method restores from the degraded `image`
+    clean_view: bool = False
     shuffle_buffer: int = 64  # samples held for in-memory shuffling
     workers: int = 2  # DataLoader worker processes per rank
     strict: bool = False  # raise on a corrupt shard instead of counting and skipping it
@@ -196,6 +199,9 @@ class Config:
             (self.data.views in (1, 2), "data.views must be 1 or 2"),
             (self.data.roi_jitter >= 0, "data.roi_jitter must be >= 0"),
             (self.data.grid_step > 0, "data.grid_step must be positive (millimetres between grid points)"),
+            (not (self.data.clean_view and self.data.sampling == "atlas_grid"
+                  and self.data.augment_on == "loader"),
+             "data.clean_view with data.sampling: atlas_grid needs data.augment_on: device"),
             (self.train.steps > 0, "train.steps must be positive"),
             (self.train.micro_batch > 0, "train.micro_batch must be positive"),
             (self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),

@@ -157,3 +157,49 @@ def test_stored_crops_convert_like_the_host_float32_path():
         if i == 1:
             expected[:, S - 2:] = 0.0
         np.testing.assert_array_equal(floats["image"][i].numpy(), expected)
+
+
+def spatial_only(cfg: Config) -> Config:
+    """`cfg` with every intensity family switched off: the spatial half of its augmentation."""
+    out = Config()
+    out.train.seed = cfg.train.seed
+    out.data.augment_families = ["flip", "affine"]
+    return out
+
+
+def test_clean_view_is_the_image_through_the_spatial_families_only():
+    """`data.clean_view` adds `image_clean`: the same flips and affine as `image` (the same draws), none of
+    the intensity families; `image` itself comes out bit for bit as without it."""
+    cfg = augmenting_config()
+    cfg.data.augment_ranges = {"affine_prob": 1.0, "blur_prob": 1.0, "noise_prob": 1.0}
+    plain = aug.prepare(stored_batch(), cfg, rank=0, step=3, device="cpu")
+    cfg.data.clean_view = True
+    both = aug.prepare(stored_batch(), cfg, rank=0, step=3, device="cpu")
+    reference_cfg = spatial_only(cfg)
+    reference_cfg.data.augment_ranges = {"affine_prob": 1.0}
+    reference = aug.prepare(stored_batch(), reference_cfg, rank=0, step=3, device="cpu")
+    assert torch.equal(both["image"], plain["image"]) and torch.equal(both["image2"], plain["image2"])
+    assert torch.equal(both["image_clean"], reference["image"])
+    assert (both["image"] - both["image_clean"]).abs().mean() > 1e-3  # the intensity families did act
+    assert "image2_clean" not in both
+
+
+def test_clean_view_in_the_loader_matches_monai_spatial_transforms_alone():
+    from sslmed.data.stages import augmentation, cut_view
+
+    class Volume:  # the StoredVolume surface cut_view reads
+        target = None
+
+        def read_crop(self, start, shape):
+            g = np.random.default_rng(0)
+            return np.cumsum(g.normal(size=shape), axis=0).astype(np.float32)
+
+    ranges = aug.configured_ranges({"affine_prob": 1.0, "blur_prob": 1.0, "noise_prob": 1.0})
+    start = np.zeros(3, dtype=int)
+    out = cut_view("image", Volume(), start, S, augmentation(ranges), seed=4, with_clean=True)
+    alone = cut_view("image", Volume(), start, S, augmentation(ranges), seed=4)
+    spatial = aug.ranges_for(["flip", "affine"], ranges)
+    reference = cut_view("image", Volume(), start, S, augmentation(spatial), seed=4)
+    np.testing.assert_array_equal(out["image"], alone["image"])
+    np.testing.assert_allclose(out["image_clean"], reference["image"], atol=1e-6, rtol=0)
+    assert np.abs(out["image"] - out["image_clean"]).mean() > 1e-3

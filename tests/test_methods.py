@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sslmed.config import CONFIG_DIR, load_config
 from sslmed.errors import ConfigError
 from sslmed.methods import METHODS, build_method
-from sslmed.methods.base import cosine_momentum
+from sslmed.methods.base import RNG, cosine_momentum
 from sslmed.methods.losses import random_grid_mask
 from sslmed.rng import step_generator
 
@@ -112,6 +112,29 @@ def test_mae_encoder_sees_only_visible_tokens_and_loss_ignores_visible_patches()
     loss = method.reconstruction_loss(image, out)
     out["pred"] = out["pred"] + 10.0 * (1 - out["mask"]).unsqueeze(-1)  # disturb visible predictions
     assert torch.equal(method.reconstruction_loss(image, out), loss)
+
+
+@pytest.mark.parametrize("name", ["mae", "sssd"])
+def test_with_a_clean_view_the_reconstruction_target_is_the_clean_crop(name: str) -> None:
+    """`image_clean` (data.clean_view) replaces the augmented input as the target, masking unchanged:
+    the loss is the masked MSE against the clean crop's patches, computed here from the predictions."""
+    from sslmed.methods.losses import patchify
+
+    method = build_method(tiny_config(name, "method.norm_pix_loss=false"))
+    image = tiny_batch(size=method.cfg.data.crop_size)["image"]
+    clean = image.flip(2)  # any other crop of the same shape
+    losses = {}
+    for target in ("image", "clean"):
+        batch = {"image": image, RNG: torch.Generator().manual_seed(3)}
+        if target == "clean":
+            batch["image_clean"] = clean
+        torch.manual_seed(0)
+        losses[target] = method(batch)[1]["loss_recon"]
+    out = method.masked_forward(image, torch.Generator().manual_seed(3))
+    error = ((out["pred"] - patchify(clean, method.patch_size)) ** 2).mean(-1)
+    expected = (error * out["mask"]).sum() / out["mask"].sum()
+    torch.testing.assert_close(losses["clean"], expected.detach())
+    assert not torch.allclose(losses["clean"], losses["image"])
 
 
 @pytest.mark.parametrize("name", ["mae", "spark"])

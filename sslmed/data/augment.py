@@ -366,14 +366,26 @@ def prepare(batch: dict, cfg: Config, rank: int, step: int, device: torch.device
         if view not in batch:
             continue
         params = draw(batch[view].shape[0], host, ranges)
-        if view == "image" and "target" in batch:  # the target takes the image's flips and affine only
-            channels = batch[view].shape[1]
-            both = augment(torch.cat([batch[view], batch["target"]], dim=1), params, generator, ranges,
-                           carried=batch["target"].shape[1])
-            batch[view], batch["target"] = both[:, :channels], both[:, channels:]
-        else:
+        aligned = aligned_with(batch, cfg) if view == "image" else {}
+        if not aligned:
             batch[view] = augment(batch[view], params, generator, ranges)
+            continue
+        # what is aligned with the image takes its flips and affine only, carried as extra channels
+        pieces = [batch[view], *aligned.values()]
+        both = augment(torch.cat(pieces, dim=1), params, generator, ranges,
+                       carried=sum(t.shape[1] for t in pieces[1:]))
+        batch[view], *moved = both.split([t.shape[1] for t in pieces], dim=1)
+        batch.update(zip(aligned, moved, strict=True))
     return batch
+
+
+def aligned_with(batch: dict, cfg: Config) -> dict[str, torch.Tensor]:
+    """Arrays that follow the `image` view through the spatial augmentation only: a derived dataset's
+    `target`, and with `data.clean_view` the image itself, as `image_clean` (the restoration target)."""
+    aligned = {"target": batch["target"]} if "target" in batch else {}
+    if cfg.data.clean_view:
+        aligned["image_clean"] = batch["image"]
+    return aligned
 
 
 def on_device(batches: Iterator[dict], cfg: Config, rank: int, device: torch.device | str,

@@ -146,7 +146,7 @@ class Cropper:
                     "epoch": item.epoch, "start": plan["start"],
                     "location": location(plan["start"], shape, size, item.sample.meta),
                     **cut_view("image", volume, plan["start"], size, self.augment, plan["seeds"][0],
-                               with_target=volume.target is not None)}
+                               with_target=volume.target is not None, with_clean=cfg.clean_view)}
             if self.augment is None:
                 crop["intensity"] = np.array([volume.scale, volume.offset], dtype=np.float32)
             if cfg.views == 2:
@@ -181,11 +181,12 @@ class Cropper:
 
 
 def cut_view(name: str, volume: StoredVolume, start: np.ndarray, size: int, augment: Compose | None,
-             seed: int, with_target: bool = False) -> dict[str, np.ndarray]:
+             seed: int, with_target: bool = False, with_clean: bool = False) -> dict[str, np.ndarray]:
     """`{name: crop}` augmented here (float32), or, without `augment`, `{name: stored crop, name_valid:
     its box inside the volume}` for conversion and augmentation on the training device. `with_target`
     adds `target`: the volume's target cut from the same box (and, here, moved by the same flips and
-    affine, untouched by the intensity transforms)."""
+    affine, untouched by the intensity transforms); `with_clean` adds `<name>_clean`: here, the crop after
+    the flips and affine only (on the device, `augment.prepare` makes it)."""
     shape = (size,) * 3
     if augment is None:
         stored, box = volume.read_stored_crop(start, shape)
@@ -195,12 +196,16 @@ def cut_view(name: str, volume: StoredVolume, start: np.ndarray, size: int, augm
         return out
     augment.set_random_state(seed=seed)
     image = volume.read_crop(start, shape)[None]
-    if not with_target:
+    if not (with_target or with_clean):
         return {name: np.asarray(augment(image), dtype=np.float32)}
-    target = volume.read_target_crop(start, shape)[None].astype(np.float32)
-    moved = np.asarray(augment(np.concatenate([image, target]), end=SPATIAL_TRANSFORMS), dtype=np.float32)
-    image = np.asarray(augment(moved[:1], start=SPATIAL_TRANSFORMS), dtype=np.float32)
-    return {name: image, "target": moved[1:]}
+    target = [volume.read_target_crop(start, shape)[None].astype(np.float32)] if with_target else []
+    moved = np.asarray(augment(np.concatenate([image, *target]), end=SPATIAL_TRANSFORMS), dtype=np.float32)
+    out = {name: np.asarray(augment(moved[:1], start=SPATIAL_TRANSFORMS), dtype=np.float32)}
+    if with_target:
+        out["target"] = moved[1:]
+    if with_clean:
+        out[f"{name}_clean"] = moved[:1]
+    return out
 
 
 def block_shuffle(crops: Iterable[dict], block_size: int, seed: int, stream: tuple[int, int],
@@ -238,8 +243,8 @@ def collate(batch: list[dict]) -> dict:
            "location": torch.from_numpy(np.stack([c["location"] for c in batch])),
            "key": [c["key"] for c in batch], "tags": [c["tags"] for c in batch],
            "start": torch.from_numpy(np.stack([c["start"] for c in batch]).astype(np.int64))}
-    for name in ("image2", "neighbour", "neighbour2", "target", "intensity", "image_valid", "image2_valid",
-                 "neighbour_valid", "neighbour2_valid"):
+    for name in ("image2", "neighbour", "neighbour2", "target", "image_clean", "intensity", "image_valid",
+                 "image2_valid", "neighbour_valid", "neighbour2_valid"):
         if name in batch[0]:
             out[name] = torch.from_numpy(np.stack([c[name] for c in batch]))
     for name in ("neighbour", "neighbour2"):

@@ -1,4 +1,10 @@
-"""MAE (He et al. 2022) for 3-D: the ViT encoder sees only visible patches; a light decoder fills in."""
+"""MAE (He et al. 2022) for 3-D: the ViT encoder sees only visible patches; a light decoder fills in.
+
+With `data.clean_view` the decoder reconstructs the crop as it was before the intensity augmentation
+(`image_clean`: bias field, contrast, blur and noise left out) from the visible patches of the augmented
+one, so the encoder must describe the anatomy under those changes rather than the changes themselves
+(the restoration pretext of Models Genesis, Zhou et al. 2019, on top of masking). Without it, the
+target is the augmented input, and the features must encode its blur, noise and contrast to rebuild it."""
 
 from __future__ import annotations
 
@@ -57,5 +63,5 @@ class MAE(Method):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.masked_forward(batch["image"], step_rng(batch))
-        loss = self.reconstruction_loss(batch["image"], out)
+        loss = self.reconstruction_loss(batch.get("image_clean", batch["image"]), out)
         return loss, {"loss_recon": loss.detach()}

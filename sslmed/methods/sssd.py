@@ -65,7 +65,7 @@ class SSSD(MAE):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image = batch["image"]
         out = self.masked_forward(image, step_rng(batch))
-        recon = self.reconstruction_loss(image, out)
+        recon = self.reconstruction_loss(batch.get("image_clean", image), out)  # see methods/mae.py
         student = self.distill_head(out["visible"])
         distill = 1.0 + negative_cosine(student, self.teacher_latent(image, out))  # 1 − cos, in [0, 2]
         loss = recon + self.distill_weight * distill
