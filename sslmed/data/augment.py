@@ -84,20 +84,23 @@ def _checked_range(key: str, value: Any, hint: str) -> Any:
     def fail(rule: str) -> typing.NoReturn:
         raise ConfigError(f"data.augment_ranges.{key} must be {rule}, got {value!r}")
 
+    signed = key == "bias_coeff"  # log-field coefficients take either sign; every other magnitude is >= 0
+
     def number(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            fail("a finite number >= 0" if "tuple" not in hint else "a pair [low, high] of numbers >= 0")
+        finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        if not finite or (v < 0 and not signed):
+            where = " in each of [low, high]" if pair else ""
+            fail("a finite number" + ("" if signed else " >= 0") + where)
         return float(v)
 
-    if "tuple" in hint:
+    pair = "tuple" in hint
+    if pair:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             fail("a pair [low, high]")
-        low, high = (value[0], value[1]) if key == "bias_coeff" else (number(value[0]), number(value[1]))
-        if key == "bias_coeff" and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
-            fail("a pair [low, high] of numbers")
+        low, high = number(value[0]), number(value[1])
         if low > high:
             fail("a pair with low <= high")
-        return (float(low), float(high))
+        return (low, high)
     if hint == "int":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
             fail("an integer from 0 to 5")
