@@ -293,13 +293,18 @@ class TarDataset:
         size = path.stat().st_size if path.is_file() else None
         return f"; the file is {size} bytes, the manifest says {listed}" if size != listed else ""
 
+    def require_target(self, member: str | None) -> str | None:
+        """A sample's target member, or None; a ValueError (a corrupt sample) when the manifest describes
+        a dataset of targets and the sample has none."""
+        if member is None and self.targets:
+            raise ValueError("no target member, though the manifest describes a dataset of targets")
+        return member
+
     def _parse(self, path: Path, key: str, spans: dict[str, Span], skips: SkipCounter) -> Sample | None:
         try:
             meta, suffix, span = tar_sample(path, spans)
-            if target_member(spans):
+            if self.require_target(target_member(spans)):
                 target_meta(meta)  # a bad target_dtype is a corrupt sample, met before any decoding
-            elif self.targets:
-                raise ValueError("no target member, though the manifest describes a dataset of targets")
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             skips.sample(f"{path}:{key}", str(exc))
             return None
@@ -354,9 +359,7 @@ class StreamedTarDataset(TarDataset):
             meta = check_meta(json.loads(members[META_EXTENSION]))
             payload = members[suffix]
             check_payload(suffix, payload[:NPY_HEADER_LIMIT], len(payload), meta)
-            member = target_member(members)
-            if self.targets and member is None:
-                raise ValueError("no target member, though the manifest describes a dataset of targets")
+            member = self.require_target(target_member(members))
             target_payload = members[member] if member else None
             if member:
                 check_payload(target_encoding(member), target_payload[:NPY_HEADER_LIMIT], len(target_payload),
