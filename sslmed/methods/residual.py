@@ -24,9 +24,7 @@ copy of it, so that choosing the stage never waits for the device.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -183,12 +181,13 @@ class Residual(Method):
 def require_targets(path: str) -> None:
     """A precomputed-target run needs a derived dataset of residual targets at `path` (checked when its
     manifest can be read; a missing dataset is the loader's to report)."""
-    manifest = Path(path) / "manifest.json" if path else None
-    if manifest is None or not manifest.is_file():
+    from sslmed.io.manifest import load_manifest
+
+    if not path:
         return
     try:
-        target = json.loads(manifest.read_text()).get("target")
-    except (OSError, ValueError):
+        target = load_manifest(path).get("target")
+    except DataError:
         return
     require(isinstance(target, dict) and target.get("kind") == "residual",
             f"method.targets: precomputed needs a dataset of residual targets, and {path} has none; make one "
